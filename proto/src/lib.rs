@@ -1,0 +1,1 @@
+//! Shoal wire types and parsers.
