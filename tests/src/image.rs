@@ -51,6 +51,7 @@ pub struct TestImage {
     pub manifest_digest: String,
     pub manifest_size: u64,
     pub config_digest: String,
+    pub config_size: u64,
     /// Compressed layer blobs, in manifest order.
     pub layers: Vec<BlobInfo>,
     /// `sha256` of each uncompressed layer tar, as in the config's `rootfs.diff_ids`.
@@ -126,6 +127,7 @@ impl TestImage {
             manifest_digest: manifest.digest,
             manifest_size: manifest.size,
             config_digest: config.digest,
+            config_size: config.size,
             total_size: layers.iter().map(|layer| layer.size).sum(),
             layers,
             diff_ids,
@@ -144,6 +146,17 @@ impl TestImage {
     /// Where the blob with `digest` lives in this layout.
     pub fn blob_path(&self, digest: &str) -> Result<PathBuf> {
         blob_path(self.dir(), digest)
+    }
+
+    /// The blobs a pull fetches: the config, then the layers in manifest order.
+    pub fn blobs(&self) -> Vec<BlobInfo> {
+        let config = BlobInfo {
+            digest: self.config_digest.clone(),
+            size: self.config_size,
+        };
+        std::iter::once(config)
+            .chain(self.layers.iter().cloned())
+            .collect()
     }
 
     /// Digests of the layers, in manifest order.

@@ -33,7 +33,7 @@ use anyhow::{Result, bail};
 pub use image::{BlobInfo, ImageSpec, TestImage, verify_layout};
 pub use net::{free_port, free_port_on, http_get, poll_until, wait_until};
 pub use proxy::{Fault, Proxy, RequestLog};
-pub use registry::{Registry, RegistryBuilder};
+pub use registry::{AccessLogEntry, Registry, RegistryBuilder};
 pub use skopeo::{CopyOptions, CopyOutput, ManifestFormat, Skopeo};
 
 /// The command that installs every external tool the harness runs.
@@ -95,5 +95,20 @@ pub(crate) fn file_tail(path: &Path, max: usize) -> String {
             }
         }
         Err(err) => format!("<cannot read {}: {err}>", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_tool_error_names_the_install_command() {
+        let err = require(&["shoal-no-such-tool"]).unwrap_err().to_string();
+        assert!(err.contains("shoal-no-such-tool"), "{err}");
+        assert!(
+            err.contains("apt-get install -y docker-registry skopeo"),
+            "{err}"
+        );
     }
 }

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context as TaskContext, Poll, ready};
+use std::task::{Context as TaskContext, Poll, Waker, ready};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
@@ -33,7 +33,8 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -53,6 +54,10 @@ const HOP_BY_HOP: [&str; 7] = [
 ];
 
 /// A misbehaviour the proxy injects into matching requests.
+///
+/// `Status` and `Delay` apply to requests of any method. The body faults (`Corrupt`,
+/// `StallAfter`, `TruncateAfter`, `Throttle`) apply to `GET` only, so a `HEAD` probe does not
+/// use up a fault injected for a limited number of requests.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
     /// Answer with this status and an empty body without contacting upstream.
@@ -71,6 +76,12 @@ pub enum Fault {
     TruncateAfter(u64),
     /// Send the body at about this many bytes per second.
     Throttle(u64),
+}
+
+impl Fault {
+    fn is_body_fault(&self) -> bool {
+        !matches!(self, Fault::Status(_) | Fault::Delay(_))
+    }
 }
 
 /// A snapshot of one proxied request.
@@ -487,9 +498,12 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: oneshot
                 };
                 let shared = shared.clone();
                 connections.spawn(async move {
-                    let service = service_fn(move |request| handle(shared.clone(), request));
+                    let state = Arc::new(ConnState::default());
+                    let io = ConnIo { stream, state: state.clone() };
+                    let service =
+                        service_fn(move |request| handle(shared.clone(), state.clone(), request));
                     let builder = auto::Builder::new(TokioExecutor::new());
-                    if let Err(error) = builder.serve_connection(TokioIo::new(stream), service).await {
+                    if let Err(error) = builder.serve_connection(TokioIo::new(io), service).await {
                         // Clients hanging up mid-body and injected truncations end up here.
                         tracing::debug!(%peer, error = %error, "proxy connection ended with error");
                     }
@@ -497,6 +511,68 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>, mut shutdown: oneshot
             }
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
+    }
+}
+
+/// Per-connection state shared by the connection's IO and its response bodies.
+#[derive(Debug, Default)]
+struct ConnState {
+    /// Completed flushes of the socket. hyper flushes the socket only after its own write
+    /// buffer is empty, so a flush that completes after a body started waiting means every
+    /// byte that body handed over has reached the kernel.
+    flushes: AtomicU64,
+    flush_waiters: Mutex<Vec<Waker>>,
+}
+
+/// The TCP stream of one proxied connection, counting completed flushes.
+struct ConnIo {
+    stream: TcpStream,
+    state: Arc<ConnState>,
+}
+
+impl AsyncRead for ConnIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ConnIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(Pin::new(&mut this.stream).poll_flush(cx))?;
+        this.state.flushes.fetch_add(1, Ordering::AcqRel);
+        for waker in lock(&this.state.flush_waiters).drain(..) {
+            waker.wake();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
@@ -517,8 +593,8 @@ struct BodyFaults {
 }
 
 impl Shared {
-    /// Collects every rule matching `path`, using up counted rules.
-    fn plan(&self, path: &str) -> (Plan, Vec<Fault>) {
+    /// Collects every rule matching the request, using up counted rules.
+    fn plan(&self, method: &Method, path: &str) -> (Plan, Vec<Fault>) {
         let reference = blob_digest(path).or_else(|| manifest_reference(path));
         let mut plan = Plan::default();
         let mut applied = Vec::new();
@@ -528,7 +604,10 @@ impl Shared {
                 Target::Everything => true,
                 Target::Reference(target) => reference == Some(target.as_str()),
             };
-            if !matches || rule.remaining == Some(0) {
+            if !matches
+                || rule.remaining == Some(0)
+                || (rule.fault.is_body_fault() && method != Method::GET)
+            {
                 continue;
             }
             if let Some(remaining) = &mut rule.remaining {
@@ -571,9 +650,13 @@ impl Shared {
 
 async fn handle(
     shared: Arc<Shared>,
+    conn: Arc<ConnState>,
     mut request: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
-    let (plan, faults) = shared.plan(request.uri().path());
+    let (plan, faults) = shared.plan(request.method(), request.uri().path());
+    // HTTP/2 streams share the connection: a truncation resets the stream at once instead of
+    // waiting for a flush of the whole connection.
+    let conn = (request.version() < Version::HTTP_2).then_some(conn);
     let record = shared.record(&request, faults);
     tracing::debug!(method = %request.method(), uri = %request.uri(), "proxy request");
 
@@ -634,13 +717,14 @@ async fn handle(
                 .get(header::CONTENT_LENGTH)
                 .and_then(|value| value.to_str().ok())
                 .and_then(|value| value.parse::<u64>().ok());
-            let body = ProxyBody::new(
+            let mut body = ProxyBody::new(
                 Inner::Upstream(body),
                 record,
                 plan.body,
                 content_length,
                 shared.release.subscribe(),
             );
+            body.conn = conn;
             Ok(Response::from_parts(parts, body))
         }
         Err(error) => {
@@ -707,6 +791,10 @@ struct ProxyBody {
     /// A stall or throttle pause to finish before sending more.
     wait: Option<Wait>,
     release: watch::Receiver<u64>,
+    /// The HTTP/1 connection, to abort only once the bytes before a truncation are flushed.
+    conn: Option<Arc<ConnState>>,
+    /// The connection's flush count when the truncation point was reached.
+    truncating_since: Option<u64>,
 }
 
 impl ProxyBody {
@@ -729,6 +817,8 @@ impl ProxyBody {
             held: None,
             wait: None,
             release,
+            conn: None,
+            truncating_since: None,
         }
     }
 
@@ -744,8 +834,20 @@ impl ProxyBody {
         if let Some(limit) = self.faults.truncate_after
             && self.sent >= limit
         {
+            // An error from the body makes hyper drop the connection at once, discarding what
+            // it still buffers; so first wait until everything sent so far is flushed.
+            if let Some(conn) = &self.conn {
+                let flushes = conn.flushes.load(Ordering::Acquire);
+                let since = *self.truncating_since.get_or_insert(flushes);
+                if flushes == since {
+                    lock(&conn.flush_waiters).push(cx.waker().clone());
+                    // Re-check: a flush between the load and the registration would not wake us.
+                    if conn.flushes.load(Ordering::Acquire) == since {
+                        return Poll::Pending;
+                    }
+                }
+            }
             tracing::debug!(path = %self.record.path, sent = self.sent, "proxy truncating body");
-            // An error from the body makes hyper abort the connection mid-message.
             return Poll::Ready(Some(Err(io::Error::other(
                 "shoal-tests proxy: injected truncation",
             ))));

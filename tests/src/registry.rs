@@ -257,7 +257,8 @@ impl Registry {
     /// The registry's own log (logfmt lines on stderr, one `response completed` line per
     /// request with `http.request.method`, `http.request.uri` and `http.response.status`)
     /// followed by the access log (Apache combined format on stdout). Both accumulate over
-    /// restarts.
+    /// restarts, and both include the harness's own readiness probes (`GET /v2/` with an empty
+    /// user agent).
     pub fn log_text(&self) -> String {
         let app = std::fs::read_to_string(&self.stderr_path).unwrap_or_default();
         let access = std::fs::read_to_string(&self.stdout_path).unwrap_or_default();
@@ -383,6 +384,21 @@ impl Registry {
                 );
             }
             tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // kill_on_drop alone sends SIGKILL without waiting, and the temp dirs are removed right
+        // after this; a registry still writing into them could leave files behind. SIGKILL
+        // takes effect at once, so this bounded wait is short.
+        if let Some(child) = &mut self.child {
+            let _ = child.start_kill();
+            let deadline = std::time::Instant::now() + Duration::from_secs(2);
+            while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
     }
 }
