@@ -299,6 +299,10 @@ impl Ingest {
             warn!(digest = %self.digest, path = %self.path.display(), %error, "cannot remove ingest file");
         }
         self.inner.lock().stash.remove(&self.digest);
+        if self.durable == 0 {
+            // No record was written (or it could not be read, and the sweep drops it).
+            return;
+        }
         if let Err(error) = self
             .inner
             .index

@@ -412,12 +412,13 @@ impl Store {
     }
 
     /// The periodic housekeeping in one call: flush access times, sweep stale ingest files,
-    /// evict over the cap.
+    /// evict over the cap. Every step runs even if an earlier one fails; the first error is
+    /// returned.
     pub fn maintain(&self) -> Result<(), StoreError> {
-        self.flush()?;
-        self.sweep_ingest()?;
-        self.evict_if_needed()?;
-        Ok(())
+        let flushed = self.flush();
+        let swept = self.sweep_ingest().map(drop);
+        let evicted = self.evict_if_needed().map(drop);
+        flushed.and(swept).and(evicted)
     }
 
     /// A cached tag resolution. Entries whose digest no longer parses are treated as absent.

@@ -152,6 +152,30 @@ fn put_and_open_round_trip() {
 }
 
 #[test]
+fn empty_blob_round_trips_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = sha256(b"");
+    let empty512 = sha512(b"");
+    {
+        let store = open(dir.path());
+        store.put(&empty, b"", None).unwrap();
+        store
+            .ingest(&empty512)
+            .unwrap()
+            .commit(Some(0), None)
+            .unwrap();
+        assert_eq!(read_blob(&store, &empty), b"");
+        assert_eq!(read_blob(&store, &empty512), b"");
+    }
+    fs::remove_file(dir.path().join("store/index.redb")).unwrap();
+    let store = open(dir.path());
+    // The only digest a zero-length file may have is the empty one, so these are kept.
+    assert!(store.contains(&empty));
+    assert!(store.contains(&empty512));
+    store.maintain().unwrap();
+}
+
+#[test]
 fn put_with_wrong_digest_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
