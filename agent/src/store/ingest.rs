@@ -168,8 +168,10 @@ impl Ingest {
         self.offset
     }
 
-    /// The ingest file. Readers may open it to stream bytes as they arrive; it disappears at
-    /// commit (renamed into `blobs/`) or abandon.
+    /// The ingest file. Readers may open it to stream bytes as they arrive. The name
+    /// disappears at commit (renamed into `blobs/`) or abandon, but an already open
+    /// descriptor keeps reading the same inode; [`reset`](Ingest::reset) truncates it under
+    /// such readers.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -229,6 +231,13 @@ impl Ingest {
         }
         if self.offset == self.durable {
             return Ok(());
+        }
+        if self.durable == 0 {
+            // The first record makes the file worth finding after a power loss, so its
+            // directory entry must be durable too. (A kill -9 alone loses neither.)
+            let dir = self.inner.ingest_dir();
+            fsutil::fsync_dir(&dir)
+                .map_err(|e| StoreError::io("fsync ingest directory", &dir, e))?;
         }
         // Recorded only after the fsync, so the record never claims bytes a crash could lose.
         self.inner.index.set_ingest(&self.digest, self.offset)?;

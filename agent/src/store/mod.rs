@@ -515,6 +515,16 @@ impl Inner {
     ) -> Result<(), StoreError> {
         let mut blobs = HashMap::new();
         let (mut added, mut removed, mut unknown) = (0u64, 0u64, 0u64);
+        let top = self.root.join("blobs");
+        let entries = fs::read_dir(&top).map_err(|e| StoreError::io("list blobs", &top, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io("list blobs", &top, e))?;
+            let name = entry.file_name();
+            if !fsutil::ALGORITHMS.iter().any(|a| name == a.as_str()) {
+                warn!(path = %entry.path().display(), "ignoring unknown entry in the blob directory");
+                unknown += 1;
+            }
+        }
         for alg in fsutil::ALGORITHMS {
             let dir = self.blob_dir(alg);
             let empty = fsutil::empty_digest(alg);

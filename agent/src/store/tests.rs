@@ -631,6 +631,8 @@ fn reconcile_adopts_new_files_drops_missing_and_ignores_strays() {
     let adopted_d = sha256(&adopted);
     fs::write(root.join("blobs/sha256").join(adopted_d.hex()), &adopted).unwrap();
     fs::write(root.join("blobs/sha256/not-a-digest"), b"?").unwrap();
+    fs::create_dir(root.join("blobs/md5")).unwrap();
+    fs::write(root.join("blobs/md5/0123"), b"?").unwrap();
     // A valid name in the wrong algorithm's directory is not a blob either.
     fs::write(root.join("blobs/sha512").join(adopted_d.hex()), &adopted).unwrap();
     // Nor is a symlink, which could point outside the root.
@@ -651,6 +653,8 @@ fn reconcile_adopts_new_files_drops_missing_and_ignores_strays() {
     // Strays are left alone.
     assert!(root.join("blobs/sha256/not-a-digest").exists());
     assert!(root.join("blobs/sha512").join(adopted_d.hex()).exists());
+    assert!(root.join("blobs/md5/0123").exists());
+    assert!(logs.contains("unknown=4"), "{logs}");
     assert!(logs.contains("ignoring unknown entry"), "{logs}");
     assert!(logs.contains("index reconciled"), "{logs}");
 }
