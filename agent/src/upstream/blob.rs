@@ -391,7 +391,7 @@ impl Resumable {
                     url: body.shown.clone(),
                     after: idle,
                 },
-                Ok(Some(Err(e))) => from_body_error(e, &body.shown),
+                Ok(Some(Err(e))) => from_body_error(e, &body.shown, idle),
                 Ok(None) if target.is_none() => return Ok(None),
                 Ok(None) => UpstreamError::Interrupted {
                     url: body.shown.clone(),

@@ -78,18 +78,23 @@ impl Inner {
         Url::parse(&s).map_err(|e| UpstreamError::Config(format!("cannot build URL: {e}")))
     }
 
-    /// Sends one request and waits for the response headers, bounded by the connect and
-    /// idle timeouts.
+    /// Sends one request and waits for the response headers. The client's read timeout
+    /// (the idle timeout) ends a silent upstream; the outer timer is a backstop covering
+    /// connect, TLS and the wait for headers together.
     pub(super) async fn execute(
         &self,
         rb: reqwest::RequestBuilder,
         shown: &str,
     ) -> Result<Response, UpstreamError> {
-        let limit = self.connect_timeout + self.idle_timeout;
+        let limit = self.connect_timeout + self.idle_timeout * 2;
         match tokio::time::timeout(limit, rb.send()).await {
             Err(_) => Err(UpstreamError::Timeout {
                 url: shown.to_owned(),
                 after: limit,
+            }),
+            Ok(Err(e)) if e.is_timeout() && !e.is_connect() => Err(UpstreamError::Timeout {
+                url: shown.to_owned(),
+                after: self.idle_timeout,
             }),
             Ok(Err(e)) => Err(from_send_error(e, shown)),
             Ok(Ok(resp)) => Ok(resp),
@@ -160,7 +165,7 @@ impl Inner {
     }
 
     /// Resolves a `Location` (absolute or relative) against the URL that answered it.
-    fn redirect_target(
+    pub(super) fn redirect_target(
         &self,
         resp: &Response,
         from: &Url,
@@ -245,7 +250,7 @@ impl Inner {
                     });
                 }
                 Ok(None) => return Ok(buf.freeze()),
-                Ok(Some(Err(e))) => return Err(from_body_error(e, shown)),
+                Ok(Some(Err(e))) => return Err(from_body_error(e, shown, self.idle_timeout)),
                 Ok(Some(Ok(chunk))) => {
                     let n = (buf.len() + chunk.len()) as u64;
                     if n > limit {

@@ -116,9 +116,16 @@ pub(super) fn from_send_error(err: reqwest::Error, url: &str) -> UpstreamError {
     }
 }
 
-/// Maps a reqwest error while reading a body to our error.
-pub(super) fn from_body_error(err: reqwest::Error, url: &str) -> UpstreamError {
+/// Maps a reqwest error while reading a body to our error. The client's read timeout is
+/// the idle timeout, so a timeout here is a stalled body.
+pub(super) fn from_body_error(err: reqwest::Error, url: &str, idle: Duration) -> UpstreamError {
     let err = err.without_url();
+    if err.is_timeout() {
+        return UpstreamError::Timeout {
+            url: url.to_owned(),
+            after: idle,
+        };
+    }
     UpstreamError::Interrupted {
         url: url.to_owned(),
         reason: chain(&err),

@@ -208,6 +208,8 @@ impl Upstream {
             .referer(false)
             .https_only(!cfg.insecure)
             .connect_timeout(cfg.connect_timeout)
+            // Per read on the connection, response headers included: the no-progress timer.
+            .read_timeout(cfg.idle_timeout)
             .tcp_keepalive(Duration::from_secs(30))
             .pool_idle_timeout(Duration::from_secs(60))
             .user_agent(USER_AGENT)
