@@ -20,6 +20,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod agent;
 pub mod image;
 pub mod net;
 pub mod proxy;
@@ -30,6 +31,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Result, bail};
 
+pub use agent::{AgentOptions, AgentProcess, TestAgent, UPSTREAM_HOST, metric_value};
 pub use image::{BlobInfo, ImageSpec, TestImage, verify_layout};
 pub use net::{free_port, free_port_on, http_get, poll_until, wait_until};
 pub use proxy::{Fault, Proxy, RequestLog};
@@ -43,6 +45,20 @@ pub const INSTALL_HINT: &str = "apt-get install -y docker-registry skopeo";
 pub const REGISTRY_BIN: &str = "docker-registry";
 /// The skopeo binary.
 pub const SKOPEO_BIN: &str = "skopeo";
+
+/// Sends `tracing` output of the code under test to the test's captured output (once per
+/// process; later calls do nothing). `RUST_LOG` filters it, `info` by default.
+pub fn init_tracing() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
 
 /// Checks that `docker-registry` and `skopeo` are installed, so a test fails with the fix
 /// in its message rather than with a bare "No such file or directory".

@@ -1,0 +1,641 @@
+//! Agent configuration: the TOML file (every field documented in `deploy/agent.toml` and
+//! `docs/config.md`), command-line overrides, and the typed, validated [`Config`] built from them.
+//!
+//! Parse, don't validate: everything is checked here once, so the rest of the agent works with
+//! values that are already correct (a loopback-or-explicit listen address, an existing default
+//! upstream, watermarks in order, secrets wrapped so they cannot be logged).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use shoal_proto::RegistryHost;
+
+use crate::store::StoreConfig;
+use crate::upstream::{Secret, UpstreamConfig};
+
+/// Why a configuration cannot be used. Always names the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+/// A byte size written as an integer (`1073741824`) or with a unit (`50GiB`, `500MB`, `1.5TiB`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1000,
+            "m" | "mb" => 1000_u64.pow(2),
+            "g" | "gb" => 1000_u64.pow(3),
+            "t" | "tb" => 1000_u64.pow(4),
+            "ki" | "kib" => 1 << 10,
+            "mi" | "mib" => 1 << 20,
+            "gi" | "gib" => 1 << 30,
+            "ti" | "tib" => 1 << 40,
+            other => return Err(format!("unknown size unit {other:?} in {s:?}")),
+        };
+        let value: f64 = num
+            .parse()
+            .map_err(|_| format!("invalid size {s:?} (examples: 500MiB, 50GiB, 1073741824)"))?;
+        let bytes = value * mult as f64;
+        if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+            return Err(format!("size {s:?} is out of range"));
+        }
+        Ok(ByteSize(bytes as u64))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file, as written by people. Every field is optional and has a documented default.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    mirror: FileMirror,
+    #[serde(default)]
+    metrics: FileMetrics,
+    #[serde(default)]
+    log: FileLog,
+    #[serde(default)]
+    store: FileStore,
+    #[serde(default, rename = "upstream")]
+    upstreams: Vec<FileUpstream>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMirror {
+    listen: Option<SocketAddr>,
+    insecure_listen_any: Option<bool>,
+    default_upstream: Option<String>,
+    #[serde(default, with = "humantime_serde::option")]
+    tag_cache_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    offline_grace: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileMetrics {
+    listen: Option<SocketAddr>,
+    enabled: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLog {
+    format: Option<LogFormat>,
+    level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStore {
+    root: Option<PathBuf>,
+    max_size: Option<ByteSize>,
+    max_disk_percent: Option<f64>,
+    high_watermark: Option<f64>,
+    low_watermark: Option<f64>,
+    #[serde(default, with = "humantime_serde::option")]
+    ingest_max_age: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    maintenance_interval: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileUpstream {
+    host: String,
+    url: String,
+    username: Option<String>,
+    password: Option<String>,
+    password_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    insecure_http: bool,
+    #[serde(default, with = "humantime_serde::option")]
+    connect_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    idle_timeout: Option<Duration>,
+    max_retries: Option<u32>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Command-line overrides.
+// ---------------------------------------------------------------------------------------------
+
+/// Command-line flags. Each one overrides the matching file setting.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Overrides {
+    /// Address the registry mirror listens on [default: 127.0.0.1:5050; file: mirror.listen].
+    /// A non-loopback address also needs --insecure-listen-any.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Allow the mirror to listen on a non-loopback address. Anyone who can reach it can then
+    /// pull whatever the agent's upstream credentials allow.
+    #[arg(long)]
+    pub insecure_listen_any: bool,
+    /// Address of the Prometheus metrics endpoint [default: 127.0.0.1:9465; file: metrics.listen].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Turn the metrics endpoint off.
+    #[arg(long)]
+    pub no_metrics: bool,
+    /// Content store directory [default: /var/lib/shoal/agent; file: store.root].
+    #[arg(long, value_name = "DIR")]
+    pub store_root: Option<PathBuf>,
+    /// Largest total size of cached blobs, e.g. 50GiB [file: store.max_size].
+    #[arg(long, value_name = "SIZE")]
+    pub max_size: Option<ByteSize>,
+    /// An upstream registry as HOST=URL, e.g. docker.io=https://registry-1.docker.io.
+    /// Repeatable; adds to (or replaces, by HOST) the file's [[upstream]] entries.
+    #[arg(long = "upstream", value_name = "HOST=URL")]
+    pub upstreams: Vec<String>,
+    /// Allow plain-HTTP URLs for upstreams given with --upstream.
+    #[arg(long)]
+    pub insecure_http_upstream: bool,
+    /// Registry used when a request names none (docker's registry-mirrors sends none)
+    /// [default: the only upstream, or docker.io; file: mirror.default_upstream].
+    #[arg(long, value_name = "HOST")]
+    pub default_upstream: Option<String>,
+    /// Log format [default: text; file: log.format].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Log filter, e.g. info or shoal_agent=debug,info [default: info; file: log.level].
+    /// The RUST_LOG environment variable, when set, takes precedence.
+    #[arg(long, value_name = "FILTER")]
+    pub log_level: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The validated configuration the agent runs with.
+// ---------------------------------------------------------------------------------------------
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:5050";
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9465";
+pub const DEFAULT_STORE_ROOT: &str = "/var/lib/shoal/agent";
+
+/// Everything the agent needs to run, checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub mirror: MirrorConfig,
+    /// `None` when metrics are turned off.
+    pub metrics_listen: Option<SocketAddr>,
+    pub log: LogConfig,
+    pub store: StoreConfig,
+    /// How often eviction and the stale-ingest sweep run.
+    pub maintenance_interval: Duration,
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+#[derive(Debug, Clone)]
+pub struct MirrorConfig {
+    pub listen: SocketAddr,
+    /// Registry for requests without `?ns=`; always one of the configured upstreams.
+    pub default_upstream: RegistryHost,
+    /// How long a tag's digest is used without asking upstream again.
+    pub tag_cache_ttl: Duration,
+    /// How long after the last successful check a tag may still be served from cache while
+    /// the upstream is unreachable.
+    pub offline_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Config {
+    /// Reads `path` (if given), applies `overrides`, and validates the result.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let file = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                parse_file(&text).map_err(|message| ConfigError::Parse {
+                    path: p.to_owned(),
+                    message,
+                })?
+            }
+            None => FileConfig::default(),
+        };
+        build(file, overrides, path.and_then(Path::parent))
+    }
+
+    /// Parses a config from TOML text (relative paths resolve against `base_dir`).
+    pub fn from_toml(
+        text: &str,
+        overrides: &Overrides,
+        base_dir: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
+        let file = parse_file(text).map_err(|message| ConfigError::Parse {
+            path: PathBuf::from("<inline>"),
+            message,
+        })?;
+        build(file, overrides, base_dir)
+    }
+}
+
+fn parse_file(text: &str) -> Result<FileConfig, String> {
+    toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+}
+
+fn resolve(base: Option<&Path>, p: PathBuf) -> PathBuf {
+    match base {
+        Some(b) if p.is_relative() => b.join(p),
+        _ => p,
+    }
+}
+
+fn build(file: FileConfig, ov: &Overrides, base: Option<&Path>) -> Result<Config, ConfigError> {
+    // Mirror listener: loopback unless explicitly opened up.
+    let listen = ov
+        .listen
+        .or(file.mirror.listen)
+        .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("constant parses"));
+    let listen_any = ov.insecure_listen_any || file.mirror.insecure_listen_any.unwrap_or(false);
+    if !listen.ip().is_loopback() && !listen_any {
+        return Err(invalid(format!(
+            "mirror.listen = {listen} is not a loopback address; set mirror.insecure_listen_any = true \
+             (or --insecure-listen-any) if every host that can reach it may pull through it"
+        )));
+    }
+
+    let metrics_listen = if ov.no_metrics || file.metrics.enabled == Some(false) {
+        None
+    } else {
+        Some(
+            ov.metrics_listen
+                .or(file.metrics.listen)
+                .unwrap_or_else(|| DEFAULT_METRICS_LISTEN.parse().expect("constant parses")),
+        )
+    };
+
+    let log = LogConfig {
+        format: ov.log_format.or(file.log.format).unwrap_or_default(),
+        level: ov
+            .log_level
+            .clone()
+            .or(file.log.level)
+            .unwrap_or_else(|| "info".to_owned()),
+    };
+    if tracing_subscriber::EnvFilter::try_new(&log.level).is_err() {
+        return Err(invalid(format!(
+            "log.level {:?} is not a valid filter",
+            log.level
+        )));
+    }
+
+    let store = build_store(&file.store, ov, base)?;
+    let maintenance_interval = file
+        .store
+        .maintenance_interval
+        .unwrap_or(Duration::from_secs(60));
+    if maintenance_interval.is_zero() {
+        return Err(invalid(
+            "store.maintenance_interval must be greater than zero",
+        ));
+    }
+
+    let mut upstreams = Vec::new();
+    for (i, u) in file.upstreams.into_iter().enumerate() {
+        upstreams.push(
+            build_upstream(u, base)
+                .map_err(|e| invalid(format!("[[upstream]] entry {}: {e}", i + 1)))?,
+        );
+    }
+    for spec in &ov.upstreams {
+        let (host, url) = spec
+            .split_once('=')
+            .ok_or_else(|| invalid(format!("--upstream {spec:?}: expected HOST=URL")))?;
+        let u = FileUpstream {
+            host: host.to_owned(),
+            url: url.to_owned(),
+            username: None,
+            password: None,
+            password_file: None,
+            ca_file: None,
+            insecure_http: ov.insecure_http_upstream,
+            connect_timeout: None,
+            idle_timeout: None,
+            max_retries: None,
+        };
+        let u =
+            build_upstream(u, base).map_err(|e| invalid(format!("--upstream {spec:?}: {e}")))?;
+        upstreams.retain(|x: &UpstreamConfig| x.host != u.host);
+        upstreams.push(u);
+    }
+    if upstreams.is_empty() {
+        return Err(invalid(
+            "no upstream registry configured: add an [[upstream]] section or --upstream HOST=URL",
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for u in &upstreams {
+        if !seen.insert(u.host.clone()) {
+            return Err(invalid(format!("upstream {} is configured twice", u.host)));
+        }
+    }
+
+    let default_upstream = match ov.default_upstream.clone().or(file.mirror.default_upstream) {
+        Some(h) => RegistryHost::parse(&h)
+            .map_err(|e| invalid(format!("mirror.default_upstream {h:?}: {e}")))?,
+        None if upstreams.len() == 1 => upstreams[0].host.clone(),
+        None => RegistryHost::parse("docker.io").expect("constant parses"),
+    };
+    if !upstreams.iter().any(|u| u.host == default_upstream) {
+        return Err(invalid(format!(
+            "mirror.default_upstream {default_upstream} is not one of the configured upstreams ({})",
+            upstreams
+                .iter()
+                .map(|u| u.host.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )));
+    }
+
+    let tag_cache_ttl = file.mirror.tag_cache_ttl.unwrap_or(Duration::from_secs(30));
+    let offline_grace = file
+        .mirror
+        .offline_grace
+        .unwrap_or(Duration::from_secs(24 * 3600));
+
+    Ok(Config {
+        mirror: MirrorConfig {
+            listen,
+            default_upstream,
+            tag_cache_ttl,
+            offline_grace,
+        },
+        metrics_listen,
+        log,
+        store,
+        maintenance_interval,
+        upstreams,
+    })
+}
+
+fn build_store(
+    s: &FileStore,
+    ov: &Overrides,
+    base: Option<&Path>,
+) -> Result<StoreConfig, ConfigError> {
+    let root = ov
+        .store_root
+        .clone()
+        .or_else(|| s.root.clone().map(|p| resolve(base, p)))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE_ROOT));
+    let max_bytes = ov.max_size.or(s.max_size).map(|b| b.0);
+    if max_bytes == Some(0) {
+        return Err(invalid("store.max_size must be greater than zero"));
+    }
+    if let Some(p) = s.max_disk_percent
+        && !(p > 0.0 && p <= 100.0)
+    {
+        return Err(invalid(format!(
+            "store.max_disk_percent = {p} must be in (0, 100]"
+        )));
+    }
+    let high = s.high_watermark.unwrap_or(0.95);
+    let low = s.low_watermark.unwrap_or(0.85);
+    if !(low > 0.0 && low < high && high <= 1.0) {
+        return Err(invalid(format!(
+            "store watermarks must satisfy 0 < low_watermark ({low}) < high_watermark ({high}) <= 1"
+        )));
+    }
+    Ok(StoreConfig {
+        root,
+        max_bytes,
+        max_disk_percent: s.max_disk_percent,
+        high_watermark: high,
+        low_watermark: low,
+        ingest_max_age: s.ingest_max_age.unwrap_or(Duration::from_secs(24 * 3600)),
+    })
+}
+
+fn build_upstream(u: FileUpstream, base: Option<&Path>) -> Result<UpstreamConfig, String> {
+    let host = RegistryHost::parse(&u.host).map_err(|e| format!("host {:?}: {e}", u.host))?;
+    let scheme = u
+        .url
+        .split_once("://")
+        .map(|(s, _)| s.to_ascii_lowercase())
+        .ok_or_else(|| format!("url {:?} must start with https:// (or http://)", u.url))?;
+    match scheme.as_str() {
+        "https" => {}
+        "http" if u.insecure_http => {}
+        "http" => {
+            return Err(format!(
+                "url {:?} is plain HTTP; set insecure_http = true (or --insecure-http-upstream) to allow it",
+                u.url
+            ));
+        }
+        other => return Err(format!("url scheme {other:?} is not supported")),
+    }
+    let password = match (u.password, u.password_file) {
+        (Some(_), Some(_)) => return Err("set either password or password_file, not both".into()),
+        (Some(p), None) => Some(Secret::new(p)),
+        (None, Some(f)) => {
+            let f = resolve(base, f);
+            let text = std::fs::read_to_string(&f)
+                .map_err(|e| format!("cannot read password_file {}: {e}", f.display()))?;
+            Some(Secret::new(text.trim_end_matches(['\r', '\n']).to_owned()))
+        }
+        (None, None) => None,
+    };
+    if password.is_some() && u.username.is_none() {
+        return Err("a password needs a username".into());
+    }
+    let ca_file = u.ca_file.map(|p| resolve(base, p));
+    if let Some(ca) = &ca_file
+        && !ca.is_file()
+    {
+        return Err(format!("ca_file {} does not exist", ca.display()));
+    }
+    Ok(UpstreamConfig {
+        host,
+        url: u.url.trim_end_matches('/').to_owned(),
+        username: u.username,
+        password,
+        ca_file,
+        insecure: u.insecure_http,
+        connect_timeout: u.connect_timeout.unwrap_or(Duration::from_secs(5)),
+        idle_timeout: u.idle_timeout.unwrap_or(Duration::from_secs(30)),
+        max_retries: u.max_retries.unwrap_or(4),
+    })
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} bytes", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, &Overrides::default(), None)
+    }
+
+    const MINIMAL: &str = r#"
+        [[upstream]]
+        host = "docker.io"
+        url = "https://registry-1.docker.io"
+    "#;
+
+    #[test]
+    fn minimal_config_has_safe_defaults() {
+        let c = load(MINIMAL).unwrap();
+        assert!(c.mirror.listen.ip().is_loopback());
+        assert_eq!(c.mirror.default_upstream.as_str(), "docker.io");
+        assert_eq!(
+            c.metrics_listen.unwrap().to_string(),
+            DEFAULT_METRICS_LISTEN
+        );
+        assert_eq!(c.store.root, PathBuf::from(DEFAULT_STORE_ROOT));
+        assert_eq!(c.upstreams[0].max_retries, 4);
+    }
+
+    #[test]
+    fn rejects_bad_configs_with_a_clear_message() {
+        let cases = [
+            ("", "no upstream registry configured"),
+            (
+                "[mirror]\nlisten = \"0.0.0.0:5050\"\n",
+                "not a loopback address",
+            ),
+            ("bogus = 1\n", "unknown field"),
+            (
+                "[[upstream]]\nhost = \"r.io\"\nurl = \"http://r.io\"\n",
+                "plain HTTP",
+            ),
+            (
+                "[[upstream]]\nhost = \"../x\"\nurl = \"https://r.io\"\n",
+                "host",
+            ),
+            (
+                &format!("{MINIMAL}\n[store]\nmax_size = \"12 parsecs\"\n"),
+                "unknown size unit",
+            ),
+            (
+                &format!("{MINIMAL}\n[store]\nhigh_watermark = 0.5\nlow_watermark = 0.9\n"),
+                "watermarks",
+            ),
+            (
+                &format!("{MINIMAL}\n[mirror]\ndefault_upstream = \"quay.io\"\n"),
+                "not one of the configured upstreams",
+            ),
+            (
+                &format!("{MINIMAL}\n[mirror]\ntag_cache_ttl = \"soon\"\n"),
+                "tag_cache_ttl",
+            ),
+            (&format!("{MINIMAL}{MINIMAL}"), "configured twice"),
+            (
+                "[[upstream]]\nhost = \"r.io\"\nurl = \"https://r.io\"\npassword = \"hunter2\"\n",
+                "needs a username",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = load(text).expect_err(text).to_string();
+            assert!(err.contains(want), "{text:?}: got {err:?}, want {want:?}");
+            assert!(!err.contains("hunter2"), "secret leaked: {err}");
+        }
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let ov = Overrides {
+            listen: Some("127.0.0.2:6000".parse().unwrap()),
+            upstreams: vec!["local.test:5000=http://127.0.0.1:5000".into()],
+            insecure_http_upstream: true,
+            default_upstream: Some("local.test:5000".into()),
+            no_metrics: true,
+            max_size: Some("1GiB".parse().unwrap()),
+            ..Overrides::default()
+        };
+        let c = Config::from_toml(MINIMAL, &ov, None).unwrap();
+        assert_eq!(c.mirror.listen.to_string(), "127.0.0.2:6000");
+        assert_eq!(c.upstreams.len(), 2);
+        assert_eq!(c.mirror.default_upstream.as_str(), "local.test:5000");
+        assert!(c.metrics_listen.is_none());
+        assert_eq!(c.store.max_bytes, Some(1 << 30));
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!("1024".parse::<ByteSize>().unwrap().0, 1024);
+        assert_eq!("50GiB".parse::<ByteSize>().unwrap().0, 50 << 30);
+        assert_eq!("1.5 KiB".parse::<ByteSize>().unwrap().0, 1536);
+        assert_eq!("2MB".parse::<ByteSize>().unwrap().0, 2_000_000);
+        assert!("-1".parse::<ByteSize>().is_err());
+        assert!("1e400".parse::<ByteSize>().is_err());
+        assert!("GiB".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn password_is_not_in_debug_output() {
+        let c = load(
+            "[[upstream]]\nhost = \"r.io\"\nurl = \"https://r.io\"\nusername = \"u\"\npassword = \"hunter2\"\n",
+        )
+        .unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}
