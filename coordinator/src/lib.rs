@@ -6,11 +6,17 @@
 //! - [`auth`]: the [`auth::Authenticator`] (dummy hash for unknown users, success cache,
 //!   per-client failure limit, atomic reload) and `Authorization: Basic` parsing;
 //! - [`access`]: per-repository pull/push/delete rules for users and groups;
-//! - [`users`]: the `user add|remove|list` editor of htpasswd files.
+//! - [`users`]: the `user add|remove|list` editor of htpasswd files;
+//! - [`certs`]: `cert init`, a CA and a server certificate made with rcgen;
+//! - [`tls`]: the rustls server configuration with a reloadable certificate;
+//! - [`cli`]: the command line, so that the binary stays a thin shell.
 
 pub mod access;
 pub mod auth;
+pub mod certs;
+pub mod cli;
 pub mod htpasswd;
+pub mod tls;
 pub mod users;
 
 mod fsutil;
