@@ -631,6 +631,28 @@ mod tests {
     }
 
     #[test]
+    fn the_deploy_example_parses() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
+        let c = Config::load(Some(&path), &Overrides::default()).unwrap();
+        assert_eq!(c.upstreams.len(), 2);
+        assert_eq!(c.mirror.default_upstream.as_str(), "docker.io");
+        assert_eq!(c.store.max_bytes, Some(50 << 30));
+        // The k8s DaemonSet embeds a config too.
+        let k8s = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s/shoal-agent-daemonset.yaml"),
+        )
+        .unwrap();
+        let start = k8s.find("agent.toml: |").unwrap();
+        let embedded: String = k8s[start..]
+            .lines()
+            .skip(1)
+            .take_while(|l| l.starts_with("    ") || l.is_empty())
+            .map(|l| format!("{}\n", l.trim_start()))
+            .collect();
+        Config::from_toml(&embedded, &Overrides::default(), None).unwrap();
+    }
+
+    #[test]
     fn password_is_not_in_debug_output() {
         let c = load(
             "[[upstream]]\nhost = \"r.io\"\nurl = \"https://r.io\"\nusername = \"u\"\npassword = \"hunter2\"\n",

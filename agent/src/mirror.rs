@@ -41,6 +41,8 @@ pub const SOURCE_HEADER: &str = "X-Shoal-Source";
 pub struct ApiError {
     code: ErrorCode,
     message: String,
+    /// For 416: the blob size, sent as `Content-Range: bytes */<size>`.
+    unsatisfied_size: Option<u64>,
 }
 
 impl ApiError {
@@ -48,6 +50,7 @@ impl ApiError {
         ApiError {
             code,
             message: message.into(),
+            unsatisfied_size: None,
         }
     }
 }
@@ -135,9 +138,21 @@ impl Mirror {
         log.status = resp.status();
         self.metrics.response(log.status.as_u16());
         let (parts, body) = resp.into_parts();
+        // hyper stops polling a body once Content-Length bytes are written, so "complete"
+        // means that many bytes went out.
+        let expected = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
         let body = LoggedBody {
             inner: body,
             bytes: 0,
+            expected: if log.method == Method::HEAD {
+                Some(0)
+            } else {
+                expected
+            },
             complete: false,
             log: Some(log),
             metrics: self.metrics.clone(),
@@ -181,6 +196,13 @@ impl Mirror {
                         })
                     })
                     .transpose()?;
+                // Refuse a malformed header before touching the store or upstream; whether
+                // the range fits is decided once the size is known.
+                if let Err(e @ (range::RangeError::Malformed | range::RangeError::Unit)) =
+                    range::parse_range(range, u64::MAX)
+                {
+                    return Err(ApiError::new(ErrorCode::RangeInvalid, e.to_string()));
+                }
                 self.blob(head, upstream, &name, &digest, range, log).await
             }
             Route::BlobUpload { .. } => Err(ApiError::new(
@@ -519,7 +541,10 @@ fn resolve_range(header: Option<&str>, size: u64) -> Result<(StatusCode, u64, u6
     match range::parse_range(header, size) {
         Ok(RangeRequest::Full) => Ok((StatusCode::OK, 0, size.saturating_sub(1))),
         Ok(RangeRequest::Partial(r)) => Ok((StatusCode::PARTIAL_CONTENT, r.start, r.end)),
-        Err(e) => Err(ApiError::new(ErrorCode::RangeInvalid, e.to_string())),
+        Err(e) => Err(ApiError {
+            unsatisfied_size: Some(size),
+            ..ApiError::new(ErrorCode::RangeInvalid, e.to_string())
+        }),
     }
 }
 
@@ -618,6 +643,12 @@ fn error_response(e: &ApiError) -> Response<Body> {
     if e.code == ErrorCode::Unsupported {
         b = b.header(header::ALLOW, "GET, HEAD");
     }
+    if let Some(size) = e.unsatisfied_size {
+        b = b.header(
+            header::CONTENT_RANGE,
+            range::unsatisfied_content_range(size),
+        );
+    }
     b.body(full(body)).expect("valid response")
 }
 
@@ -707,6 +738,8 @@ fn unix_ms() -> u64 {
 struct LoggedBody {
     inner: Body,
     bytes: u64,
+    /// Content-Length of the response, if it has one.
+    expected: Option<u64>,
     complete: bool,
     log: Option<RequestLog>,
     metrics: Metrics,
@@ -746,7 +779,9 @@ impl HttpBody for LoggedBody {
 impl Drop for LoggedBody {
     fn drop(&mut self) {
         let Some(log) = self.log.take() else { return };
-        let complete = self.complete || self.inner.is_end_stream();
+        let complete = self.complete
+            || self.inner.is_end_stream()
+            || self.expected.is_some_and(|n| self.bytes >= n);
         if let Some(source) = log.source {
             self.metrics.served(source, self.bytes);
         }

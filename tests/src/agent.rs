@@ -214,6 +214,7 @@ pub struct AgentProcess {
     bin: PathBuf,
     config: PathBuf,
     mirror: SocketAddr,
+    metrics: SocketAddr,
     child: Option<Child>,
     log: PathBuf,
     _dir: TempDir,
@@ -223,19 +224,31 @@ impl AgentProcess {
     /// Starts `bin` (the agent binary) with `opts`; the store lives in `opts.store_dir` (so a
     /// restarted process finds it) or a temp dir.
     pub async fn start(bin: &Path, opts: &AgentOptions) -> Result<AgentProcess> {
+        let mirror = SocketAddr::new(opts.ip, free_port_on(opts.ip)?);
+        let metrics = SocketAddr::new(opts.ip, free_port_on(opts.ip)?);
+        AgentProcess::start_at(bin, opts, mirror, metrics).await
+    }
+
+    /// Like [`AgentProcess::start`], with the mirror and metrics on the given addresses (which
+    /// must be free), e.g. the well-known 127.0.0.1:5050 for a demo. `opts.ip` is not used.
+    pub async fn start_at(
+        bin: &Path,
+        opts: &AgentOptions,
+        mirror: SocketAddr,
+        metrics: SocketAddr,
+    ) -> Result<AgentProcess> {
         let dir = tempfile::tempdir()?;
         let store = opts
             .store_dir
             .clone()
             .unwrap_or_else(|| dir.path().join("store"));
-        let mirror = SocketAddr::new(opts.ip, free_port_on(opts.ip)?);
-        let metrics = SocketAddr::new(opts.ip, free_port_on(opts.ip)?);
         let config = dir.path().join("agent.toml");
         std::fs::write(&config, opts.toml(&store, mirror, metrics))?;
         let mut p = AgentProcess {
             bin: bin.to_owned(),
             config,
             mirror,
+            metrics,
             child: None,
             log: dir.path().join("agent.log"),
             _dir: dir,
@@ -290,6 +303,50 @@ impl AgentProcess {
 
     pub fn log_text(&self) -> String {
         crate::file_tail(&self.log, 64 * 1024)
+    }
+
+    /// The file the agent's stderr (its log) goes to; removed with the process's temp dir.
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The generated configuration file.
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    /// The process id, while the process runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// `http://ip:port` of the metrics listener (`/metrics`, `/healthz`).
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}", self.metrics)
+    }
+
+    /// The metrics exposition text.
+    pub async fn metrics_text(&self) -> Result<String> {
+        let r = http_get(
+            &format!("{}/metrics", self.metrics_url()),
+            Duration::from_secs(5),
+        )
+        .await?;
+        Ok(String::from_utf8_lossy(&r.body).into_owned())
+    }
+
+    /// The value of one sample, as [`TestAgent::metric`]; 0 when absent.
+    pub async fn metric(&self, sample: &str) -> Result<f64> {
+        Ok(metric_value(&self.metrics_text().await?, sample))
+    }
+
+    /// Whether the process has exited on its own (crashed, or stopped by a signal that did not
+    /// come from this handle), with its status.
+    pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
+        match &mut self.child {
+            Some(c) => Ok(c.try_wait()?),
+            None => Ok(None),
+        }
     }
 
     /// SIGKILL: no chance to clean up, as in a crash or an OOM kill.

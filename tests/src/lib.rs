@@ -21,6 +21,7 @@
 //! ```
 
 pub mod agent;
+pub mod http;
 pub mod image;
 pub mod net;
 pub mod proxy;

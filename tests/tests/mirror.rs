@@ -2,9 +2,12 @@
 //! real `skopeo` client, the agent in process on a loopback port.
 
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use shoal_agent::mirror::STALE_HEADER;
+use shoal_proto::api::{ErrorBody, ErrorCode};
+use shoal_tests::http::{End, get_streamed, push_blob, raw_request};
 use shoal_tests::{
     AgentOptions, CopyOptions, ImageSpec, Proxy, Registry, Skopeo, TestAgent, TestImage, http_get,
     require_tools, verify_layout,
@@ -135,6 +138,454 @@ async fn base_endpoint_and_api_version_header() -> Result<()> {
                 .get("docker-distribution-api-version")
                 .is_some_and(|v| v == "registry/2.0")
         );
+        agent.stop().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn upstream_down_cached_digests_and_tags_in_grace_still_pull_uncached_fails_fast()
+-> Result<()> {
+    within(async {
+        let image = three_layers(3)?;
+        let mut registry = registry_with(&image).await?;
+        // tag_cache_ttl 0: every tag pull revalidates, so the grace path is what serves it.
+        let mut opts = AgentOptions::new(&registry.url());
+        opts.tag_cache_ttl = Duration::ZERO;
+        let agent = TestAgent::start_with(opts).await?;
+        let mut no_grace = AgentOptions::new(&registry.url());
+        no_grace.tag_cache_ttl = Duration::ZERO;
+        no_grace.offline_grace = Duration::ZERO;
+        let strict = TestAgent::start_with(no_grace).await?;
+        pull(&agent, "shoal/app:v1").await?;
+        pull(&strict, "shoal/app:v1").await?;
+
+        registry.stop().await?;
+
+        let by_digest = format!("shoal/app@{}", image.manifest_digest);
+        let out = pull(&agent, &by_digest).await?;
+        verify_layout(&out.path().join("oci"), &image)?;
+
+        let out = pull(&agent, "shoal/app:v1").await?;
+        verify_layout(&out.path().join("oci"), &image)?;
+        let r = get_streamed(
+            &format!("{}/v2/shoal/app/manifests/v1", agent.url()),
+            &[],
+            Duration::from_secs(10),
+        )
+        .await?;
+        ensure!(r.status == 200, "stale tag: {}", r.status);
+        ensure!(
+            r.headers.get(STALE_HEADER).is_some(),
+            "a stale manifest must say so"
+        );
+        ensure!(
+            agent
+                .metric("shoal_agent_stale_manifests_served_total")
+                .await?
+                >= 1.0
+        );
+
+        // Beyond the grace period the tag is refused with a clear error.
+        let r = get_streamed(
+            &format!("{}/v2/shoal/app/manifests/v1", strict.url()),
+            &[],
+            Duration::from_secs(10),
+        )
+        .await?;
+        ensure!(r.status == 503, "tag beyond grace: {}", r.status);
+        let body: ErrorBody = serde_json::from_slice(&r.body)?;
+        ensure!(body.errors[0].code == ErrorCode::Unavailable);
+
+        // An uncached blob fails fast with an OCI error naming the cause, not a hang.
+        let missing = format!("sha256:{}", "ab".repeat(32));
+        let started = Instant::now();
+        let r = get_streamed(
+            &format!("{}/v2/shoal/app/blobs/{missing}", agent.url()),
+            &[],
+            Duration::from_secs(20),
+        )
+        .await?;
+        let took = started.elapsed();
+        ensure!(r.status == 503, "uncached blob: {}", r.status);
+        let body: ErrorBody = serde_json::from_slice(&r.body)?;
+        ensure!(
+            body.errors[0].message.contains("unreachable"),
+            "{:?}",
+            body.errors[0].message
+        );
+        ensure!(took < Duration::from_secs(10), "took {took:?} to fail");
+        agent.stop().await?;
+        strict.stop().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn corrupt_upstream_blob_aborts_clients_and_is_never_stored() -> Result<()> {
+    within(async {
+        let image = three_layers(4)?;
+        let registry = registry_with(&image).await?;
+        let proxy = Proxy::start(&registry.url()).await?;
+        let bad = image.layers[1].digest.clone();
+        proxy.corrupt_blob(&bad);
+        let agent = TestAgent::start(&proxy.url()).await?;
+
+        let url = format!("{}/v2/shoal/app/blobs/{bad}", agent.url());
+        let r = get_streamed(&url, &[], Duration::from_secs(20)).await?;
+        ensure!(r.status == 200, "status {}", r.status);
+        ensure!(
+            r.end == End::Aborted,
+            "a blob that fails verification must end in an aborted transfer, got {:?} after {} bytes",
+            r.end,
+            r.body.len()
+        );
+        ensure!((r.body.len() as u64) < image.layers[1].size);
+
+        // skopeo sees an error too.
+        let out = tempfile::tempdir()?;
+        let src = format!("{}/shoal/app:v1", agent.host_port());
+        ensure!(
+            Skopeo::pull(&src, &out.path().join("oci"), &CopyOptions::default())
+                .await
+                .is_err(),
+            "skopeo must fail while upstream is corrupt"
+        );
+
+        let hex = bad.trim_start_matches("sha256:");
+        let committed = agent.store_root().join("blobs/sha256").join(hex);
+        ensure!(!committed.exists(), "corrupt blob was committed");
+        let leftovers: Vec<_> = std::fs::read_dir(agent.store_root().join("ingest"))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(hex))
+            .collect();
+        ensure!(leftovers.is_empty(), "partial corrupt data left: {leftovers:?}");
+        ensure!(
+            agent.metric("shoal_agent_verification_failures_total").await? >= 1.0,
+            "verification failure not counted"
+        );
+
+        // Once upstream is healthy, the same agent pulls fine.
+        proxy.clear_faults();
+        let out = pull(&agent, "shoal/app:v1").await?;
+        verify_layout(&out.path().join("oci"), &image)?;
+        ensure!(committed.exists());
+        agent.stop().await
+    })
+    .await
+}
+
+/// The OCI conformance suite's range cases, on a cold blob (served while downloading) and on a
+/// cached one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn range_requests_follow_the_oci_conformance_cases() -> Result<()> {
+    within(async {
+        require_tools()?;
+        let registry = Registry::start().await?;
+        let data: Vec<u8> = (0..2048u32).map(|i| (i * 7 % 251) as u8).collect();
+        let digest = push_blob(&registry.url(), "shoal/raw", &data).await?;
+        let agent = TestAgent::start(&registry.url()).await?;
+        let url = format!("{}/v2/shoal/raw/blobs/{digest}", agent.url());
+        let cases: [(&str, u16, Option<(usize, usize)>); 6] = [
+            ("bytes=500-1499", 206, Some((500, 1499))),
+            ("bytes=500-", 206, Some((500, 2047))),
+            ("bytes=-500", 206, Some((1548, 2047))),
+            ("bytes=2000-5000", 206, Some((2000, 2047))),
+            ("bytes=500-0", 416, None),
+            ("bytes=5000-10000", 416, None),
+        ];
+        for round in ["cold", "cached"] {
+            for (range, status, want) in cases {
+                let r = get_streamed(&url, &[("Range", range)], Duration::from_secs(10)).await?;
+                ensure!(
+                    r.status.as_u16() == status,
+                    "{round} {range}: status {} want {status}",
+                    r.status
+                );
+                match want {
+                    Some((a, b)) => {
+                        ensure!(r.end == End::Complete, "{round} {range}: {:?}", r.end);
+                        ensure!(r.body == data[a..=b], "{round} {range}: wrong bytes");
+                        let cr = format!("bytes {a}-{b}/2048");
+                        ensure!(
+                            r.headers
+                                .get("content-range")
+                                .is_some_and(|v| v == cr.as_str()),
+                            "{round} {range}: content-range {:?}",
+                            r.headers.get("content-range")
+                        );
+                    }
+                    None => {
+                        ensure!(
+                            r.headers
+                                .get("content-range")
+                                .is_some_and(|v| v == "bytes */2048"),
+                            "{round} {range}: 416 needs Content-Range: bytes */2048"
+                        );
+                        let body: ErrorBody = serde_json::from_slice(&r.body)?;
+                        ensure!(body.errors[0].code == ErrorCode::RangeInvalid);
+                    }
+                }
+            }
+        }
+        ensure!(registry.blob_get_count(&digest) == 1);
+        agent.stop().await
+    })
+    .await
+}
+
+/// Hostile paths, digests, ranges, query strings and headers get 4xx answers with OCI error
+/// JSON (or hyper's bare 400/431 for requests that are not valid HTTP), and nothing reaches
+/// upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_clear_errors_and_never_reach_upstream() -> Result<()> {
+    within(async {
+        require_tools()?;
+        let registry = Registry::start().await?;
+        let proxy = Proxy::start(&registry.url()).await?;
+        let agent = TestAgent::start(&proxy.url()).await?;
+        let addr: std::net::SocketAddr = agent.host_port().parse()?;
+        let hex = "ab".repeat(32);
+        let json_cases: Vec<(String, Vec<(&str, String)>, u16, &str)> = vec![
+            ("GET /v2/../../etc/passwd".into(), vec![], 404, "NOT_FOUND"),
+            (
+                "GET /v2/%2e%2e/%2e%2e/etc/manifests/passwd".into(),
+                vec![],
+                400,
+                "NAME_INVALID",
+            ),
+            (
+                "GET /v2/a/b/../../../x/manifests/v1".into(),
+                vec![],
+                400,
+                "NAME_INVALID",
+            ),
+            (
+                "GET /v2/a/manifests/..%2f..%2fetc".into(),
+                vec![],
+                400,
+                "MANIFEST_INVALID",
+            ),
+            (
+                "GET /v2/a/blobs/sha256:../../../../etc/passwd".into(),
+                vec![],
+                400,
+                "DIGEST_INVALID",
+            ),
+            (
+                format!("GET /v2/a/blobs/sha256:{}", hex.to_uppercase()),
+                vec![],
+                400,
+                "DIGEST_INVALID",
+            ),
+            (
+                format!("GET /v2/a/blobs/sha256:{}", &hex[..63]),
+                vec![],
+                400,
+                "DIGEST_INVALID",
+            ),
+            (
+                format!("GET /v2/a/blobs/sha256:{hex}0"),
+                vec![],
+                400,
+                "DIGEST_INVALID",
+            ),
+            (
+                "GET /v2/a/blobs/md5:d41d8cd98f00b204e9800998ecf8427e".into(),
+                vec![],
+                400,
+                "DIGEST_INVALID",
+            ),
+            (
+                format!("GET /v2/{}/manifests/v1", "a".repeat(300)),
+                vec![],
+                400,
+                "NAME_INVALID",
+            ),
+            (
+                format!("GET /v2/a/manifests/{}", "t".repeat(129)),
+                vec![],
+                400,
+                "MANIFEST_INVALID",
+            ),
+            (
+                "GET /v2/a/manifests/v1?ns=evil.example@attacker".into(),
+                vec![],
+                400,
+                "BAD_REQUEST",
+            ),
+            (
+                "GET /v2/a/manifests/v1?ns=../../x".into(),
+                vec![],
+                400,
+                "BAD_REQUEST",
+            ),
+            (
+                "GET /v2/a/manifests/v1?ns=unknown.example".into(),
+                vec![],
+                404,
+                "NAME_UNKNOWN",
+            ),
+            (
+                "GET /v2/a/manifests/v1?ns=registry.test&ns=x.io".into(),
+                vec![],
+                400,
+                "BAD_REQUEST",
+            ),
+            (
+                format!("GET /v2/a/blobs/sha256:{hex}"),
+                vec![("Range", "bytes=abc".into())],
+                416,
+                "RANGE_INVALID",
+            ),
+            (
+                format!("GET /v2/a/blobs/sha256:{hex}"),
+                vec![("Range", "items=0-1".into())],
+                416,
+                "RANGE_INVALID",
+            ),
+            (
+                "GET /v2/a/manifests/v1".into(),
+                vec![("Accept", "text/html\"<script>".into())],
+                400,
+                "BAD_REQUEST",
+            ),
+            ("PUT /v2/a/manifests/v1".into(), vec![], 405, "UNSUPPORTED"),
+            (
+                "POST /v2/a/blobs/uploads/".into(),
+                vec![],
+                405,
+                "UNSUPPORTED",
+            ),
+            (
+                "DELETE /v2/a/manifests/v1".into(),
+                vec![],
+                405,
+                "UNSUPPORTED",
+            ),
+            (
+                "PATCH /v2/a/blobs/uploads/123".into(),
+                vec![],
+                405,
+                "UNSUPPORTED",
+            ),
+            ("GET /v2/_catalog".into(), vec![], 405, "UNSUPPORTED"),
+        ];
+        for (line, headers, status, code) in &json_cases {
+            let mut req = format!("{line} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+            for (k, v) in headers {
+                req.push_str(&format!("{k}: {v}\r\n"));
+            }
+            if line.starts_with("PUT") || line.starts_with("POST") || line.starts_with("PATCH") {
+                req.push_str("Content-Length: 0\r\n");
+            }
+            req.push_str("\r\n");
+            let r = raw_request(addr, req.as_bytes(), Duration::from_secs(10)).await?;
+            ensure!(
+                r.status == *status,
+                "{line}: status {} want {status}\n{}",
+                r.status,
+                r.head
+            );
+            let body: ErrorBody = serde_json::from_slice(&r.body).with_context(|| {
+                format!(
+                    "{line}: body is not OCI error JSON: {:?}",
+                    String::from_utf8_lossy(&r.body)
+                )
+            })?;
+            let got = serde_json::to_value(body.errors[0].code)?;
+            ensure!(got == *code, "{line}: code {got} want {code}");
+            ensure!(
+                r.header("docker-distribution-api-version") == Some("registry/2.0"),
+                "{line}: no API version header"
+            );
+        }
+
+        // Requests that are not valid HTTP are refused by the parser, and headers over the
+        // limit get 431.
+        let bare_cases: Vec<(Vec<u8>, u16)> = vec![
+            (
+                b"GET /v2/a\0b/manifests/v1 HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+                400,
+            ),
+            (
+                b"GET /v2/a\\b/manifests/v1 HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+                400,
+            ),
+            (
+                b"GET /v2/ HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n".to_vec(),
+                400,
+            ),
+            (
+                format!(
+                    "GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+                    "a".repeat(1024 * 1024)
+                )
+                .into_bytes(),
+                431,
+            ),
+            (
+                format!(
+                    "GET /v2/ HTTP/1.1\r\nHost: x\r\n{}\r\n",
+                    (0..200)
+                        .map(|i| format!("X-H{i}: v\r\n"))
+                        .collect::<String>()
+                )
+                .into_bytes(),
+                431,
+            ),
+        ];
+        for (req, status) in &bare_cases {
+            let r = raw_request(addr, req, Duration::from_secs(10)).await?;
+            ensure!(
+                r.status == *status,
+                "{:?}: status {} want {status}",
+                String::from_utf8_lossy(&req[..req.len().min(60)]),
+                r.status
+            );
+        }
+
+        let forwarded = proxy.requests();
+        ensure!(
+            forwarded.is_empty(),
+            "hostile requests reached upstream: {:?}",
+            forwarded.iter().map(|r| &r.path).collect::<Vec<_>>()
+        );
+        // The agent is still healthy.
+        let r = http_get(&format!("{}/v2/", agent.url()), Duration::from_secs(5)).await?;
+        ensure!(r.status == 200);
+        agent.stop().await
+    })
+    .await
+}
+
+/// containerd's `?ns=` picks the upstream; without it the default is used.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ns_parameter_selects_the_upstream() -> Result<()> {
+    within(async {
+        require_tools()?;
+        let a = Registry::start().await?;
+        let b = Registry::start().await?;
+        let blob_a = push_blob(&a.url(), "shoal/x", b"only in registry a").await?;
+        let blob_b = push_blob(&b.url(), "shoal/x", b"only in registry b").await?;
+        let mut opts = AgentOptions::new(&a.url());
+        opts.upstreams.push(("b.example:5000".to_owned(), b.url()));
+        let agent = TestAgent::start_with(opts).await?;
+        let get = |digest: &str, ns: Option<&str>| {
+            let q = ns.map(|n| format!("?ns={n}")).unwrap_or_default();
+            let url = format!("{}/v2/shoal/x/blobs/{digest}{q}", agent.url());
+            async move { get_streamed(&url, &[], Duration::from_secs(10)).await }
+        };
+        ensure!(get(&blob_a, None).await?.body == b"only in registry a");
+        ensure!(get(&blob_a, Some("registry.test")).await?.body == b"only in registry a");
+        ensure!(get(&blob_b, Some("b.example%3A5000")).await?.body == b"only in registry b");
+        ensure!(get(&blob_b, Some("b.example:5000")).await?.body == b"only in registry b");
+        ensure!(b.blob_get_count(&blob_b) == 1, "second get of b is local");
+        let missing = format!("sha256:{}", "cd".repeat(32));
+        let r = get(&missing, Some("b.example:5000")).await?;
+        ensure!(r.status == 404, "missing blob upstream: {}", r.status);
+        let body: ErrorBody = serde_json::from_slice(&r.body)?;
+        ensure!(body.errors[0].code == ErrorCode::BlobUnknown);
         agent.stop().await
     })
     .await
