@@ -14,6 +14,11 @@ use shoal_tests::{
 };
 
 const MIB: usize = 1 << 20;
+
+/// (Range header, expected status, expected inclusive byte span).
+type RangeCase = (&'static str, u16, Option<(usize, usize)>);
+/// (request line, extra headers, expected status, expected OCI error code).
+type HostileCase = (String, Vec<(&'static str, String)>, u16, &'static str);
 const TEST_TIMEOUT: Duration = Duration::from_secs(240);
 
 async fn within(test: impl Future<Output = Result<()>>) -> Result<()> {
@@ -286,7 +291,7 @@ async fn range_requests_follow_the_oci_conformance_cases() -> Result<()> {
         let digest = push_blob(&registry.url(), "shoal/raw", &data).await?;
         let agent = TestAgent::start(&registry.url()).await?;
         let url = format!("{}/v2/shoal/raw/blobs/{digest}", agent.url());
-        let cases: [(&str, u16, Option<(usize, usize)>); 6] = [
+        let cases: [RangeCase; 6] = [
             ("bytes=500-1499", 206, Some((500, 1499))),
             ("bytes=500-", 206, Some((500, 2047))),
             ("bytes=-500", 206, Some((1548, 2047))),
@@ -346,7 +351,7 @@ async fn hostile_requests_get_clear_errors_and_never_reach_upstream() -> Result<
         let agent = TestAgent::start(&proxy.url()).await?;
         let addr: std::net::SocketAddr = agent.host_port().parse()?;
         let hex = "ab".repeat(32);
-        let json_cases: Vec<(String, Vec<(&str, String)>, u16, &str)> = vec![
+        let json_cases: Vec<HostileCase> = vec![
             ("GET /v2/../../etc/passwd".into(), vec![], 404, "NOT_FOUND"),
             (
                 "GET /v2/%2e%2e/%2e%2e/etc/manifests/passwd".into(),
