@@ -190,3 +190,31 @@ pub async fn push_blob(registry_url: &str, repo: &str, bytes: &[u8]) -> Result<S
     }
     Ok(digest)
 }
+
+/// Uploads a manifest (`PUT /v2/<repo>/manifests/<reference>`). Returns the digest the
+/// registry reports.
+pub async fn push_manifest(
+    registry_url: &str,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    bytes: &[u8],
+) -> Result<String> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let put = Request::put(format!("{registry_url}/v2/{repo}/manifests/{reference}"))
+        .header(header::CONTENT_TYPE, media_type)
+        .header(header::CONTENT_LENGTH, bytes.len())
+        .body(Full::new(Bytes::copy_from_slice(bytes)))?;
+    let resp = client.request(put).await?;
+    let status = resp.status();
+    let digest = resp
+        .headers()
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if status != StatusCode::CREATED {
+        let body = resp.into_body().collect().await?.to_bytes();
+        bail!("PUT manifest: {status}: {}", String::from_utf8_lossy(&body));
+    }
+    digest.context("registry sent no Docker-Content-Digest")
+}

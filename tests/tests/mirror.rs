@@ -6,11 +6,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use shoal_agent::mirror::STALE_HEADER;
-use shoal_proto::api::{ErrorBody, ErrorCode};
-use shoal_tests::http::{End, get_streamed, push_blob, raw_request};
+use shoal_proto::api::{DOCKER_MANIFEST_LIST, DOCKER_MANIFEST_V2, ErrorBody, ErrorCode, OCI_INDEX};
+use shoal_tests::http::{End, get_streamed, push_blob, push_manifest, raw_request};
 use shoal_tests::{
-    AgentOptions, CopyOptions, ImageSpec, Proxy, Registry, Skopeo, TestAgent, TestImage, http_get,
-    require_tools, verify_layout,
+    AgentOptions, CopyOptions, ImageSpec, ManifestFormat, Proxy, Registry, Skopeo, TestAgent,
+    TestImage, http_get, require_tools, verify_layout,
 };
 
 const MIB: usize = 1 << 20;
@@ -594,4 +594,126 @@ async fn ns_parameter_selects_the_upstream() -> Result<()> {
         agent.stop().await
     })
     .await
+}
+
+/// A tag is revalidated with a HEAD (no GET while its digest is unchanged) and a moved tag is
+/// seen on the next pull.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tags_are_revalidated_with_head_and_moves_are_seen() -> Result<()> {
+    within(async {
+        let v1 = TestImage::generate(&ImageSpec::new(vec![MIB], 21), "latest")?;
+        let v2 = TestImage::generate(&ImageSpec::new(vec![MIB + 17], 22), "latest")?;
+        require_tools()?;
+        let registry = Registry::start().await?;
+        let dest = format!("{}/shoal/app:latest", registry.host_port());
+        Skopeo::push_image(&v1, &dest, &CopyOptions::default()).await?;
+        let proxy = Proxy::start(&registry.url()).await?;
+        let mut opts = AgentOptions::new(&proxy.url());
+        opts.tag_cache_ttl = Duration::ZERO;
+        let agent = TestAgent::start_with(opts).await?;
+        let is_tag = |p: &str| p.ends_with("/manifests/latest");
+
+        verify_layout(
+            &pull(&agent, "shoal/app:latest").await?.path().join("oci"),
+            &v1,
+        )?;
+        proxy.reset();
+        verify_layout(
+            &pull(&agent, "shoal/app:latest").await?.path().join("oci"),
+            &v1,
+        )?;
+        ensure!(
+            proxy.count(&http::Method::GET, is_tag) == 0,
+            "unchanged tag was downloaded again"
+        );
+        ensure!(
+            proxy.count(&http::Method::HEAD, is_tag) >= 1,
+            "tag was not revalidated"
+        );
+
+        Skopeo::push_image(&v2, &dest, &CopyOptions::default()).await?;
+        proxy.reset();
+        verify_layout(
+            &pull(&agent, "shoal/app:latest").await?.path().join("oci"),
+            &v2,
+        )?;
+        ensure!(
+            proxy.count(&http::Method::GET, is_tag) == 1,
+            "moved tag must be fetched once"
+        );
+        agent.stop().await
+    })
+    .await
+}
+
+/// Manifest lists / OCI indexes pass through byte for byte, the client's Accept is honoured,
+/// and Docker schema 2 images pull as well as OCI ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn indexes_pass_through_unchanged_and_docker_v2s2_images_pull() -> Result<()> {
+    within(async {
+        let image = TestImage::generate(&ImageSpec::new(vec![MIB, 2 * MIB], 23), "v2s2")?;
+        require_tools()?;
+        let registry = Registry::start().await?;
+        let dest = format!("{}/shoal/docker:v2s2", registry.host_port());
+        let opts = CopyOptions::default().format(ManifestFormat::V2s2);
+        let pushed = Skopeo::push_image(&image, &dest, &opts).await?;
+        let manifest_digest = pushed.digest.context("skopeo reported no digest")?;
+
+        // An index with unusual (but valid) formatting: any re-serialisation would change it.
+        let index = format!(
+            "{{\n  \"schemaVersion\": 2,\n  \"mediaType\": \"{}\",\n  \"manifests\": [ {{\"mediaType\": \"{}\", \"digest\": \"{}\", \"size\": {}, \"platform\": {{\"architecture\": \"amd64\", \"os\": \"linux\"}}}} ]   \n}}\n",
+            OCI_INDEX,
+            DOCKER_MANIFEST_V2,
+            manifest_digest,
+            pushed_manifest_size(&registry, &manifest_digest).await?,
+        );
+        let index_digest =
+            push_manifest(&registry.url(), "shoal/docker", "multi", OCI_INDEX, index.as_bytes())
+                .await?;
+        let agent = TestAgent::start(&registry.url()).await?;
+        for round in ["cold", "cached"] {
+            let r = get_streamed(
+                &format!("{}/v2/shoal/docker/manifests/multi", agent.url()),
+                &[("Accept", &format!("{OCI_INDEX}, {DOCKER_MANIFEST_LIST}"))],
+                Duration::from_secs(10),
+            )
+            .await?;
+            ensure!(r.status == 200, "{round}: {}", r.status);
+            ensure!(r.body == index.as_bytes(), "{round}: index bytes changed");
+            ensure!(
+                r.headers.get("content-type").is_some_and(|v| v == OCI_INDEX),
+                "{round}: content-type {:?}",
+                r.headers.get("content-type")
+            );
+            ensure!(
+                r.headers
+                    .get("docker-content-digest")
+                    .is_some_and(|v| v == index_digest.as_str()),
+                "{round}: digest header"
+            );
+        }
+
+        let out = pull(&agent, "shoal/docker:v2s2").await?;
+        for layer in &image.layers {
+            let hex = layer.digest.trim_start_matches("sha256:");
+            ensure!(
+                out.path().join("oci/blobs/sha256").join(hex).exists(),
+                "layer {} missing from the v2s2 pull",
+                layer.digest
+            );
+        }
+        agent.stop().await
+    })
+    .await
+}
+
+async fn pushed_manifest_size(registry: &Registry, digest: &str) -> Result<usize> {
+    let r = get_streamed(
+        &format!("{}/v2/shoal/docker/manifests/{digest}", registry.url()),
+        &[("Accept", DOCKER_MANIFEST_V2)],
+        Duration::from_secs(10),
+    )
+    .await?;
+    ensure!(r.status == 200, "manifest {digest}: {}", r.status);
+    Ok(r.body.len())
 }
