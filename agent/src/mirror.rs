@@ -464,6 +464,26 @@ impl Mirror {
         if let Some(resp) = self.local_blob(head, digest, range_header, log).await? {
             return Ok(resp);
         }
+        if head {
+            // A HEAD asks whether the blob exists and how big it is: answer from upstream
+            // without downloading anything.
+            self.metrics.miss(Kind::Blob);
+            log.source = Some(Source::Upstream);
+            let size = upstream
+                .blob_size(name, digest)
+                .await
+                .map_err(|e| upstream_error(&e, ErrorCode::BlobUnknown, "blob"))?;
+            let mut b = Response::builder()
+                .status(StatusCode::OK)
+                .header(header::CONTENT_TYPE, "application/octet-stream")
+                .header(api::CONTENT_DIGEST_HEADER, digest.to_string())
+                .header(header::ACCEPT_RANGES, "bytes")
+                .header(SOURCE_HEADER, "upstream");
+            if let Some(size) = size {
+                b = b.header(header::CONTENT_LENGTH, size);
+            }
+            return Ok(b.body(empty()).expect("valid response"));
+        }
         let mut sub = match self.downloads.join(upstream, name, digest) {
             Join::Cached => {
                 return self
@@ -493,9 +513,6 @@ impl Mirror {
         };
         let (status, start, end) = resolve_range(range_header, size)?;
         let resp = blob_headers(status, digest, size, start, end).header(SOURCE_HEADER, "upstream");
-        if head {
-            return Ok(resp.body(empty()).expect("valid response"));
-        }
         let stream = sub.into_stream(start, Some(end));
         Ok(resp.body(stream_body(stream)).expect("valid response"))
     }

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use shoal_agent::mirror::STALE_HEADER;
 use shoal_proto::api::{DOCKER_MANIFEST_LIST, DOCKER_MANIFEST_V2, ErrorBody, ErrorCode, OCI_INDEX};
-use shoal_tests::http::{End, get_streamed, push_blob, push_manifest, raw_request};
+use shoal_tests::http::{
+    End, get_streamed, push_blob, push_manifest, raw_request, request_streamed,
+};
 use shoal_tests::{
     AgentOptions, CopyOptions, ImageSpec, ManifestFormat, Proxy, Registry, Skopeo, TestAgent,
     TestImage, http_get, require_tools, verify_layout,
@@ -291,6 +293,18 @@ async fn range_requests_follow_the_oci_conformance_cases() -> Result<()> {
         let digest = push_blob(&registry.url(), "shoal/raw", &data).await?;
         let agent = TestAgent::start(&registry.url()).await?;
         let url = format!("{}/v2/shoal/raw/blobs/{digest}", agent.url());
+        // A HEAD of an uncached blob answers from upstream without downloading it.
+        let r = request_streamed(http::Method::HEAD, &url, &[], Duration::from_secs(10)).await?;
+        ensure!(r.status == 200, "HEAD: {}", r.status);
+        ensure!(
+            r.headers.get("content-length").is_some_and(|v| v == "2048"),
+            "HEAD content-length {:?}",
+            r.headers.get("content-length")
+        );
+        ensure!(
+            registry.blob_get_count(&digest) == 0,
+            "HEAD must not download"
+        );
         let cases: [RangeCase; 6] = [
             ("bytes=500-1499", 206, Some((500, 1499))),
             ("bytes=500-", 206, Some((500, 2047))),
