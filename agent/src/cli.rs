@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 /// Shoal node agent: a local pull-through registry mirror for docker, containerd, podman and
 /// skopeo, with a verified content-addressed cache on local disk.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Cli {
     /// TOML configuration file (see deploy/agent.toml for every setting).
     #[arg(short, long, value_name = "FILE", env = "SHOAL_AGENT_CONFIG")]

@@ -57,12 +57,6 @@ pub async fn run(
         .await
         .map_err(|e| AgentError::Internal(e.to_string()))??;
     let usage = store.usage();
-    info!(
-        root = %config.store.root.display(),
-        blobs = usage.blobs,
-        bytes = usage.bytes,
-        "content store open"
-    );
 
     let mut upstreams = Vec::new();
     for u in &config.upstreams {
@@ -85,15 +79,20 @@ pub async fn run(
     ));
 
     let shutdown = shutdown.shared();
-    let mirror_addr = listeners.mirror.local_addr().ok();
+    let mirror_addr = listeners
+        .mirror
+        .local_addr()
+        .map_err(|e| AgentError::Internal(e.to_string()))?;
     info!(
-        listen = ?mirror_addr,
+        listen = %mirror_addr,
         default_upstream = %config.mirror.default_upstream,
-        upstreams = ?config.upstreams.iter().map(|u| u.host.as_str()).collect::<Vec<_>>(),
+        upstreams = %config.upstreams.iter().map(|u| u.host.as_str()).collect::<Vec<_>>().join(","),
         "mirror listening"
     );
     if let Some(l) = listeners.metrics {
-        info!(listen = ?l.local_addr().ok(), "metrics listening");
+        if let Ok(addr) = l.local_addr() {
+            info!(listen = %addr, "metrics listening");
+        }
         tokio::spawn(server::serve_metrics(l, metrics.clone(), shutdown.clone()));
     }
     let maintenance = tokio::spawn(maintain(
