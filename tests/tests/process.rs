@@ -198,3 +198,36 @@ async fn bad_config_is_one_clear_message_and_exit_code_2() -> Result<()> {
     ensure!(String::from_utf8_lossy(&out.stderr).contains("cannot read config file"));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deleted_index_is_rebuilt_from_blobs_at_start() -> Result<()> {
+    within(async {
+        let image = TestImage::generate(&ImageSpec::new(vec![MIB, 2 * MIB], 13), "v1")?;
+        let mut registry = registry_with(&image).await?;
+        let store = tempfile::tempdir()?;
+        let mut opts = AgentOptions::new(&registry.url());
+        opts.store_dir = Some(store.path().join("store"));
+        let mut agent = AgentProcess::start(Path::new(AGENT_BIN), &opts).await?;
+        let out = tempfile::tempdir()?;
+        let src = format!("{}/shoal/app@{}", agent.host_port(), image.manifest_digest);
+        Skopeo::pull(&src, &out.path().join("a"), &CopyOptions::default()).await?;
+        ensure!(agent.terminate().await?.success());
+
+        std::fs::remove_file(store.path().join("store/index.redb"))?;
+        registry.stop().await?;
+        agent.restart().await?;
+        // Upstream is gone: everything must come from the rebuilt store.
+        Skopeo::pull(&src, &out.path().join("b"), &CopyOptions::default())
+            .await
+            .with_context(|| format!("pull from the rebuilt store; log:\n{}", agent.log_text()))?;
+        verify_layout(&out.path().join("b"), &image)?;
+        ensure!(
+            agent.log_text().contains("rebuil"),
+            "the log should say the index was rebuilt:\n{}",
+            agent.log_text()
+        );
+        ensure!(agent.terminate().await?.success());
+        Ok(())
+    })
+    .await
+}

@@ -530,13 +530,15 @@ fn report(pulls: &[Pull], image_bytes: u64) {
         let speedup = cold.elapsed.as_secs_f64() / warm.elapsed.as_secs_f64().max(1e-3);
         let served = warm.delta.served_cache + warm.delta.served_upstream;
         println!(
-            "Pull 2 took {} from upstream ({} registry requests) and {} of its {} from the \
-             agent's cache;\nit was {speedup:.1}x as fast as pull 1. (Image layers: {}.)\n",
+            "Pull 2 ({} of layers): {} from upstream in {} registry requests, {} of {} served \
+             from\nthe agent's cache, {speedup:.1}x as fast as pull 1. The registry runs on this \
+             machine, so\ntimes differ little here; across a network, the upstream bytes are \
+             what cost.\n",
+            bytes(image_bytes),
             bytes(warm.delta.agent_upstream as u64),
             warm.delta.registry_requests,
             bytes(warm.delta.served_cache as u64),
             bytes(served as u64),
-            bytes(image_bytes),
         );
     }
 }
