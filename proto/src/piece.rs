@@ -6,10 +6,18 @@
 
 use std::fmt;
 
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde::ser::{SerializeTuple, Serializer};
+use serde::{Deserialize, Serialize};
+
 pub const MIN_PIECE_LEN: u64 = 256 * 1024;
 pub const MAX_PIECE_LEN: u64 = 16 * 1024 * 1024;
 /// The number of pieces a blob is cut into when the piece length is not clamped.
 pub const TARGET_PIECES: u64 = 128;
+/// Most pieces a blob may have to be shared between peers: 256 GiB at the largest piece length.
+/// Bitmaps and piece manifests on the wire are bounded by it (a manifest is then at most
+/// 512 KiB of hashes); larger blobs are fetched from the origin only.
+pub const MAX_PIECES: u32 = 16 * 1024;
 
 /// Piece length for a blob of `size` bytes.
 pub fn piece_len(size: u64) -> u64 {
@@ -140,7 +148,92 @@ impl Bitmap {
 
     /// Number of leading present pieces: how far a sequential reader can go.
     pub fn prefix_len(&self) -> u32 {
-        (0..self.len).find(|&i| !self.get(i)).unwrap_or(self.len)
+        self.next_missing(0)
+    }
+
+    /// The first absent piece at or after `from`, or `len()` when there is none.
+    pub fn next_missing(&self, from: u32) -> u32 {
+        let mut i = from;
+        while i < self.len {
+            let word = self.bits[(i / 64) as usize] | ((1u64 << (i % 64)) - 1);
+            if word != u64::MAX {
+                return ((i / 64) * 64 + (!word).trailing_zeros()).min(self.len);
+            }
+            i = (i / 64 + 1) * 64;
+        }
+        self.len
+    }
+
+    /// Little-endian bit order, `ceil(len / 8)` bytes: bit `i` is `bytes[i / 8] >> (i % 8)`.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let n = (self.len as usize).div_ceil(8);
+        self.bits
+            .iter()
+            .flat_map(|w| w.to_le_bytes())
+            .take(n)
+            .collect()
+    }
+
+    /// The inverse of [`Bitmap::to_bytes`]. `None` unless `bytes` has exactly `ceil(len / 8)`
+    /// bytes, `len <= MAX_PIECES`, and the padding bits past `len` are zero (so every bitmap
+    /// has one encoding and `count_ones` never counts phantom pieces).
+    pub fn from_bytes(len: u32, bytes: &[u8]) -> Option<Bitmap> {
+        if len > MAX_PIECES || bytes.len() != (len as usize).div_ceil(8) {
+            return None;
+        }
+        let mut b = Bitmap::new(len);
+        for (w, chunk) in b.bits.iter_mut().zip(bytes.chunks(8)) {
+            let mut le = [0u8; 8];
+            le[..chunk.len()].copy_from_slice(chunk);
+            *w = u64::from_le_bytes(le);
+        }
+        let tail = len % 64;
+        if tail != 0 && b.bits.last().is_some_and(|&w| w >> tail != 0) {
+            return None;
+        }
+        Some(b)
+    }
+}
+
+/// On the wire: `(len: u32, bytes)` as [`Bitmap::to_bytes`] lays them out.
+impl Serialize for Bitmap {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        struct Raw<'a>(&'a [u8]);
+        impl Serialize for Raw<'_> {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_bytes(self.0)
+            }
+        }
+        let mut t = s.serialize_tuple(2)?;
+        t.serialize_element(&self.len)?;
+        t.serialize_element(&Raw(&self.to_bytes()))?;
+        t.end()
+    }
+}
+
+impl<'de> Deserialize<'de> for Bitmap {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct BitmapVisitor;
+        impl<'de> Visitor<'de> for BitmapVisitor {
+            type Value = Bitmap;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a piece bitmap (length, bytes)")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Bitmap, A::Error> {
+                let len: u32 = seq
+                    .next_element()?
+                    .ok_or_else(|| de::Error::invalid_length(0, &self))?;
+                if len > MAX_PIECES {
+                    return Err(de::Error::custom("bitmap longer than MAX_PIECES"));
+                }
+                let bytes: crate::msg::BoundedBytes<{ MAX_PIECES as usize / 8 }> = seq
+                    .next_element()?
+                    .ok_or_else(|| de::Error::invalid_length(1, &self))?;
+                Bitmap::from_bytes(len, &bytes.0)
+                    .ok_or_else(|| de::Error::custom("bitmap bytes do not match its length"))
+            }
+        }
+        d.deserialize_tuple(2, BitmapVisitor)
     }
 }
 
@@ -215,5 +308,56 @@ mod tests {
         assert_eq!(b.prefix_len(), 1);
         assert!(Bitmap::full(130).is_complete());
         assert!(Bitmap::new(0).is_complete());
+    }
+
+    #[test]
+    fn next_missing_crosses_words() {
+        let mut b = Bitmap::full(200);
+        assert_eq!(b.next_missing(0), 200);
+        b.clear(150);
+        assert_eq!(b.prefix_len(), 150);
+        assert_eq!(b.next_missing(151), 200);
+        assert_eq!(b.next_missing(150), 150);
+        assert_eq!(b.next_missing(500), 200);
+        let e = Bitmap::new(70);
+        assert_eq!(e.next_missing(3), 3);
+        assert_eq!(e.next_missing(69), 69);
+        assert_eq!(Bitmap::full(64).next_missing(0), 64);
+    }
+
+    #[test]
+    fn bitmap_bytes_are_canonical() {
+        let mut b = Bitmap::new(13);
+        b.set(0);
+        b.set(9);
+        b.set(12);
+        let bytes = b.to_bytes();
+        assert_eq!(bytes, vec![0b0000_0001, 0b0001_0010]);
+        assert_eq!(Bitmap::from_bytes(13, &bytes), Some(b));
+        // Padding bit 13 set: rejected, as are wrong lengths and oversize bitmaps.
+        assert_eq!(Bitmap::from_bytes(13, &[1, 0b0010_0000]), None);
+        assert_eq!(Bitmap::from_bytes(13, &[1]), None);
+        assert_eq!(Bitmap::from_bytes(13, &[1, 0, 0]), None);
+        assert_eq!(Bitmap::from_bytes(MAX_PIECES + 1, &vec![0; 2049]), None);
+        assert_eq!(Bitmap::from_bytes(0, &[]), Some(Bitmap::new(0)));
+        let full = Bitmap::full(MAX_PIECES);
+        assert_eq!(Bitmap::from_bytes(MAX_PIECES, &full.to_bytes()), Some(full));
+    }
+
+    #[test]
+    fn bitmap_serde_round_trips_and_validates() {
+        let mut b = Bitmap::new(100);
+        b.set(3);
+        b.set(99);
+        let bytes = postcard::to_allocvec(&b).unwrap();
+        assert_eq!(postcard::from_bytes::<Bitmap>(&bytes).unwrap(), b);
+        let json = serde_json::to_string(&b).unwrap();
+        assert_eq!(serde_json::from_str::<Bitmap>(&json).unwrap(), b);
+        // A length beyond MAX_PIECES is refused before the bytes are read.
+        let huge = postcard::to_allocvec(&(u32::MAX, 0u8)).unwrap();
+        assert!(postcard::from_bytes::<Bitmap>(&huge).is_err());
+        // A byte count that does not match the length.
+        let bad = postcard::to_allocvec(&(16u32, 1u8, 0xffu8)).unwrap();
+        assert!(postcard::from_bytes::<Bitmap>(&bad).is_err());
     }
 }
