@@ -12,6 +12,7 @@ pub mod range;
 pub mod reference;
 pub mod rng;
 pub mod time;
+pub mod tracker;
 pub mod wire;
 
 pub use digest::{Algorithm, Digest, DigestError, Hasher};
