@@ -11,6 +11,7 @@ pub mod piece;
 pub mod range;
 pub mod reference;
 pub mod rng;
+pub mod swarm;
 pub mod time;
 pub mod tracker;
 pub mod wire;
