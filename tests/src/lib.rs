@@ -26,6 +26,7 @@ pub mod image;
 pub mod net;
 pub mod proxy;
 pub mod registry;
+pub mod runtimes;
 pub mod skopeo;
 
 use std::path::{Path, PathBuf};
