@@ -340,8 +340,9 @@ impl AgentProcess {
         Ok(metric_value(&self.metrics_text().await?, sample))
     }
 
-    /// Whether the process has exited on its own (crashed, or stopped by a signal that did not
-    /// come from this handle), with its status.
+    /// The exit status if the process has exited on its own (crashed, or was stopped by a
+    /// signal that did not come from this handle); `None` while it runs or after
+    /// [`AgentProcess::kill9`] or [`AgentProcess::terminate`].
     pub fn try_wait(&mut self) -> Result<Option<std::process::ExitStatus>> {
         match &mut self.child {
             Some(c) => Ok(c.try_wait()?),

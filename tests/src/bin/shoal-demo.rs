@@ -10,6 +10,7 @@ use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -39,7 +40,7 @@ const PREFERRED_METRICS_PORT: u16 = 9465;
 /// reports where the bytes came from. Then keeps the agent running until Ctrl-C, so you can
 /// pull through it with your own client.
 #[derive(Debug, Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// Do the two pulls, print the report and stop, instead of waiting for Ctrl-C.
     #[arg(long)]
@@ -84,6 +85,7 @@ enum Outcome {
 async fn run(args: Args) -> Result<Outcome> {
     let agent_bin = agent_binary()?;
     require_tools()?;
+    check_ports(&args)?;
     let mut signals = Signals::install()?;
     let mut demo = Demo::default();
 
@@ -93,20 +95,25 @@ async fn run(args: Args) -> Result<Outcome> {
     let pulled = tokio::select! {
         r = demo.setup_and_pull(&args, &agent_bin) => Some(r),
         name = signals.recv() => {
-            println!("\n{name}: stopping before the demo finished");
+            Step::fail();
+            println!("{name}: stopping before the demo finished");
             None
         }
     };
     let outcome = match pulled {
         None => Outcome::Interrupted,
         Some(Err(e)) => {
+            Step::fail();
             if let Some(agent) = &demo.agent {
                 eprintln!("\nagent log tail:\n{}", tail(&agent.log_text(), 20));
             }
             demo.stop().await;
             return Err(e);
         }
-        Some(Ok(())) if args.once => Outcome::Done,
+        Some(Ok(())) if args.once => {
+            println!("--once: stopping (without it, the agent keeps running for your own pulls)");
+            Outcome::Done
+        }
         Some(Ok(())) => {
             demo.print_usage();
             if let Err(e) = demo.wait(&mut signals).await {
@@ -241,8 +248,13 @@ impl Demo {
             self.store = Some(dir);
         }
         let agent = start_agent(agent_bin, &opts, args).await?;
+        let taken = if args.port.is_none() && !agent.url().ends_with(":5050") {
+            " (5050 is in use)"
+        } else {
+            ""
+        };
         step.done(&format!(
-            "mirror {}, pid {}",
+            "mirror {}{taken}, pid {}",
             agent.url(),
             agent.pid().unwrap_or(0)
         ));
@@ -259,13 +271,11 @@ impl Demo {
         let mut pulls = Vec::new();
         for (n, label) in [(1, "cold"), (2, "warm")] {
             let label = if n == 1 && cached_blobs > 0.0 {
-                "store not empty"
+                "store kept"
             } else {
                 label
             };
-            let step = Step::start(&format!(
-                "pull {n} ({label}): skopeo copy docker://{src} oci:…/pull-{n}"
-            ));
+            let step = Step::start(&format!("pull {n} ({label}) of {src} with skopeo"));
             let before = counters(agent, registry).await?;
             let out = work.path().join(format!("pull-{n}"));
             let copied = Skopeo::pull(&src, &out, &CopyOptions::default()).await?;
@@ -274,10 +284,7 @@ impl Demo {
             let image: &TestImage = image;
             tokio::task::block_in_place(|| verify_layout(&layout, image))
                 .with_context(|| format!("verifying pull {n}"))?;
-            step.done(&format!(
-                "{:.2} s, every digest verified",
-                copied.elapsed.as_secs_f64()
-            ));
+            step.done("every digest verified");
             pulls.push(Pull {
                 label,
                 elapsed: copied.elapsed,
@@ -287,8 +294,8 @@ impl Demo {
         println!();
         if cached_blobs > 0.0 {
             println!(
-                "(the store in {} already held {cached_blobs} blobs from an earlier run, so \
-                 even pull 1 could be served from it)\n",
+                "The store in {} already held {cached_blobs} blobs from an earlier run,\n\
+                 so even pull 1 could be served from it.\n",
                 self.store.as_deref().unwrap_or(Path::new("?")).display()
             );
         }
@@ -363,10 +370,10 @@ Press Ctrl-C to stop (the agent gets SIGTERM and drains; the registry and temp d
                     if let Some(agent) = &mut self.agent
                         && let Some(status) = agent.try_wait()?
                     {
-                        bail!(
-                            "shoal-agent exited on its own ({status}); log tail:\n{}",
-                            tail(&agent.log_text(), 20)
-                        );
+                        let log = tail(&agent.log_text(), 20);
+                        // Reaped already: nothing left for stop() to signal.
+                        self.agent = None;
+                        bail!("shoal-agent exited on its own ({status}); log tail:\n{log}");
                     }
                 }
             }
@@ -398,15 +405,17 @@ Press Ctrl-C to stop (the agent gets SIGTERM and drains; the registry and temp d
     }
 }
 
-/// Starts the agent on the requested or well-known ports, or on free ones when those are
-/// taken (including by a race between the check and the agent's bind).
+/// Starts the agent on the requested ports, or on the well-known ones when free, or else on
+/// free ones (also when a well-known port was taken between the check and the agent's bind).
 async fn start_agent(bin: &Path, opts: &AgentOptions, args: &Args) -> Result<AgentProcess> {
-    let mirror = args
-        .port
-        .unwrap_or_else(|| port_if_free(PREFERRED_MIRROR_PORT));
-    let metrics = args
-        .metrics_port
-        .unwrap_or_else(|| port_if_free(PREFERRED_METRICS_PORT));
+    let mirror = match args.port {
+        Some(port) => port,
+        None => free_or_any(PREFERRED_MIRROR_PORT)?,
+    };
+    let metrics = match args.metrics_port {
+        Some(port) => port,
+        None => free_or_any(PREFERRED_METRICS_PORT)?,
+    };
     let at = |port| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     match AgentProcess::start_at(bin, opts, at(mirror), at(metrics)).await {
         Ok(agent) => Ok(agent),
@@ -420,11 +429,29 @@ async fn start_agent(bin: &Path, opts: &AgentOptions, args: &Args) -> Result<Age
     }
 }
 
-/// `preferred` if nothing listens on 127.0.0.1:`preferred` right now, else a free port.
-fn port_if_free(preferred: u16) -> u16 {
-    match TcpListener::bind((Ipv4Addr::LOCALHOST, preferred)) {
-        Ok(_) => preferred,
-        Err(_) => free_port().unwrap_or(0),
+/// Fails if a port given on the command line is taken (there is no fallback for those).
+fn check_ports(args: &Args) -> Result<()> {
+    for (port, flag) in [(args.port, "--port"), (args.metrics_port, "--metrics-port")] {
+        if let Some(port) = port
+            && !is_free(port)
+        {
+            bail!("127.0.0.1:{port} ({flag}) is already in use");
+        }
+    }
+    Ok(())
+}
+
+/// Whether nothing listens on 127.0.0.1:`port` right now.
+fn is_free(port: u16) -> bool {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok()
+}
+
+/// `preferred` if it is free, else any free port.
+fn free_or_any(preferred: u16) -> Result<u16> {
+    if is_free(preferred) {
+        Ok(preferred)
+    } else {
+        free_port()
     }
 }
 
@@ -457,9 +484,9 @@ fn report(pulls: &[Pull], image_bytes: u64) {
         .map(|(i, p)| format!("pull {} ({})", i + 1, p.label))
         .collect();
     let row = |name: &str, cells: Vec<String>| {
-        let mut line = format!("  {name:<38}");
+        let mut line = format!("  {name:<34}");
         for c in cells {
-            line.push_str(&format!("{c:>18}"));
+            line.push_str(&format!("{c:>20}"));
         }
         println!("{line}");
     };
@@ -527,18 +554,23 @@ fn report(pulls: &[Pull], image_bytes: u64) {
     );
     println!();
     if let [cold, warm] = pulls {
-        let speedup = cold.elapsed.as_secs_f64() / warm.elapsed.as_secs_f64().max(1e-3);
         let served = warm.delta.served_cache + warm.delta.served_upstream;
+        let share = if served > 0.0 {
+            100.0 * warm.delta.served_cache / served
+        } else {
+            0.0
+        };
         println!(
-            "Pull 2 ({} of layers): {} from upstream in {} registry requests, {} of {} served \
-             from\nthe agent's cache, {speedup:.1}x as fast as pull 1. The registry runs on this \
-             machine, so\ntimes differ little here; across a network, the upstream bytes are \
-             what cost.\n",
-            bytes(image_bytes),
+            "Pull 2 fetched {} from upstream ({} registry requests): {share:.0} % of the {} it \
+             served\ncame from the agent's cache ({} of layers in the image). It took {:.2} s \
+             against {:.2} s;\nthe registry runs on this machine, so times differ little \
+             here. Across a network,\nthe bytes kept off the upstream link are the gain.\n",
             bytes(warm.delta.agent_upstream as u64),
             warm.delta.registry_requests,
-            bytes(warm.delta.served_cache as u64),
             bytes(served as u64),
+            bytes(image_bytes),
+            warm.elapsed.as_secs_f64(),
+            cold.elapsed.as_secs_f64(),
         );
     }
 }
@@ -548,21 +580,33 @@ struct Step {
     started: Instant,
 }
 
+/// Whether a step's line is open (printed without its result yet).
+static STEP_OPEN: AtomicBool = AtomicBool::new(false);
+
 impl Step {
     fn start(what: &str) -> Step {
         print!("  {what} ... ");
         let _ = std::io::stdout().flush();
+        STEP_OPEN.store(true, Ordering::Relaxed);
         Step {
             started: Instant::now(),
         }
     }
 
     fn done(self, result: &str) {
+        STEP_OPEN.store(false, Ordering::Relaxed);
         let secs = self.started.elapsed().as_secs_f64();
         if result.is_empty() {
             println!("done ({secs:.1} s)");
         } else {
             println!("{result} ({secs:.1} s)");
+        }
+    }
+
+    /// Ends the open step's line, if any, when the demo stops in the middle of it.
+    fn fail() {
+        if STEP_OPEN.swap(false, Ordering::Relaxed) {
+            println!("stopped");
         }
     }
 }
