@@ -55,7 +55,7 @@ const MIB: f64 = (1 << 20) as f64;
 /// Serves a cached blob through the agent to a local HTTP client and, in the same run, copies
 /// the same file over a plain loopback TCP socket; prints both throughputs and their ratio.
 #[derive(Debug, Parser)]
-#[command(about, long_about = None)]
+#[command()]
 struct Args {
     /// Size of the blob, in MiB.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
@@ -163,23 +163,28 @@ async fn run(args: &Args) -> Result<()> {
     tcp.get().await?;
 
     println!(
-        "\n  {:>4}  {:>12}  {:>12}  {:>6}",
-        "rep", "agent MiB/s", "tcp MiB/s", "ratio"
+        "\n  {:>4}  {:>12}  {:>12}  {:>6}    {:>15}  {:>13}",
+        "rep", "agent MiB/s", "tcp MiB/s", "ratio", "agent CPU s/GiB", "tcp CPU s/GiB"
     );
     let (mut a, mut b) = (Vec::new(), Vec::new());
+    let (mut a_cpu, mut b_cpu) = (Vec::new(), Vec::new());
     for rep in 1..=args.reps {
         let ag = agent_get(addr, &url, false).await?;
         ensure!(ag.bytes == blob.size, "agent sent {} bytes", ag.bytes);
         let tc = tcp.get().await?;
         ensure!(tc.bytes == blob.size, "tcp copy sent {} bytes", tc.bytes);
         println!(
-            "  {rep:>4}  {:>12.0}  {:>12.0}  {:>6.2}",
+            "  {rep:>4}  {:>12.0}  {:>12.0}  {:>6.2}    {:>15.2}  {:>13.2}",
             ag.mib_per_s(),
             tc.mib_per_s(),
-            ag.mib_per_s() / tc.mib_per_s()
+            ag.mib_per_s() / tc.mib_per_s(),
+            ag.cpu_s_per_gib(),
+            tc.cpu_s_per_gib(),
         );
         a.push(ag.mib_per_s());
         b.push(tc.mib_per_s());
+        a_cpu.push(ag.cpu_s_per_gib());
+        b_cpu.push(tc.cpu_s_per_gib());
     }
     agent.stop().await?;
     drop(registry);
@@ -197,6 +202,12 @@ async fn run(args: &Args) -> Result<()> {
         args.reps,
         bytes_mib(blob.size),
     );
+    let (ca, cb) = (median(&mut a_cpu), median(&mut b_cpu));
+    println!(
+        "       CPU per GiB moved (this whole process: server and client): agent {ca:.2} s, \
+         tcp {cb:.2} s ({:.2}x)",
+        ca / cb
+    );
     println!(
         "{}",
         if ratio >= TARGET {
@@ -208,10 +219,12 @@ async fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-/// One transfer: how many bytes, how long from connect to the last byte.
+/// One transfer: how many bytes, how long from connect to the last byte, and how much CPU
+/// time the whole process used meanwhile.
 struct Transfer {
     bytes: u64,
     elapsed: Duration,
+    cpu: Duration,
     /// Hex SHA-256 of the body, when asked for.
     sha256: Option<String>,
 }
@@ -220,12 +233,52 @@ impl Transfer {
     fn mib_per_s(&self) -> f64 {
         self.bytes as f64 / MIB / self.elapsed.as_secs_f64()
     }
+
+    /// CPU seconds per GiB: less sensitive than throughput to other load on a shared machine,
+    /// since time spent waiting for a core does not count.
+    fn cpu_s_per_gib(&self) -> f64 {
+        self.cpu.as_secs_f64() / (self.bytes as f64 / (MIB * 1024.0))
+    }
+}
+
+/// CPU time (user + system, all threads) this process has used so far, from `/proc/self/stat`,
+/// in clock ticks (10 ms on Linux, so a 1 GiB transfer is measured to about 1 %).
+fn process_cpu() -> Duration {
+    let ticks = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            // Fields after the command name, which is in parentheses and may hold spaces:
+            // state is the first, utime (14th of the line) the 12th, stime the 13th.
+            let (_, rest) = stat.rsplit_once(')')?;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let utime: u64 = fields.get(11)?.parse().ok()?;
+            let stime: u64 = fields.get(12)?.parse().ok()?;
+            Some(utime + stime)
+        })
+        .unwrap_or(0);
+    Duration::from_secs_f64(ticks as f64 / clock_ticks_per_second())
+}
+
+/// `getconf CLK_TCK`: the unit of `/proc/self/stat` times (100 on every common Linux).
+fn clock_ticks_per_second() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|out| String::from_utf8(out.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|&t: &f64| t > 0.0)
+            .unwrap_or(100.0)
+    })
 }
 
 /// GET `url` from the agent at `addr` over a fresh HTTP/1.1 connection, reading the body as
 /// fast as it comes; hashes it when `hash` (only for the verification GET: hashing would slow
 /// the client down).
 async fn agent_get(addr: SocketAddr, url: &str, hash: bool) -> Result<Transfer> {
+    let cpu = process_cpu();
     let started = Instant::now();
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
@@ -263,6 +316,7 @@ async fn agent_get(addr: SocketAddr, url: &str, hash: bool) -> Result<Transfer> 
     Ok(Transfer {
         bytes: n,
         elapsed,
+        cpu: process_cpu().saturating_sub(cpu),
         sha256: hasher.map(|h| hex::encode(h.finish())),
     })
 }
@@ -293,6 +347,7 @@ impl TcpServer {
 
     /// Connects, reads until the server closes, discards.
     async fn get(&self) -> Result<Transfer> {
+        let cpu = process_cpu();
         let started = Instant::now();
         let mut stream = TcpStream::connect(self.addr).await?;
         stream.set_nodelay(true)?;
@@ -305,9 +360,11 @@ impl TcpServer {
             }
             n += got as u64;
         }
+        let elapsed = started.elapsed();
         Ok(Transfer {
             bytes: n,
-            elapsed: started.elapsed(),
+            elapsed,
+            cpu: process_cpu().saturating_sub(cpu),
             sha256: None,
         })
     }
