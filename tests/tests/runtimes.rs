@@ -10,13 +10,15 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use shoal_proto::api::{DOCKER_MANIFEST_LIST, DOCKER_MANIFEST_V2};
+use shoal_tests::http::{get_streamed, push_manifest};
 use shoal_tests::runtimes::{
     CONTAINERD_BIN, CTR_BIN, Containerd, DOCKER_BIN, DOCKERD_BIN, Dockerd, HostsDir, PODMAN_BIN,
     Podman, mounts_under, processes_mentioning, require_runtimes,
 };
 use shoal_tests::{
-    AgentOptions, CopyOptions, ImageSpec, Proxy, Registry, RequestLog, Skopeo, TestAgent,
-    TestImage, require_tools,
+    AgentOptions, CopyOptions, Fault, ImageSpec, ManifestFormat, Proxy, Registry, RequestLog,
+    Skopeo, TestAgent, TestImage, require_tools,
 };
 
 const MIB: usize = 1 << 20;
@@ -100,7 +102,7 @@ fn api_requests(requests: &[RequestLog]) -> Vec<&RequestLog> {
     requests.iter().filter(|r| r.path != "/v2/").collect()
 }
 
-/// Every layer blob of `image` was GET in full through the proxy.
+/// Every layer blob of `image` was fetched from the agent (through the proxy) at least once.
 fn layers_fetched(proxy: &Proxy, image: &TestImage) -> Result<()> {
     for layer in &image.layers {
         let n = proxy.blob_get_count(&layer.digest);
@@ -442,6 +444,265 @@ async fn docker_pulls_through_the_agent_as_registry_mirror_and_a_fresh_daemon_hi
             out2.elapsed,
             started.elapsed()
         );
+        agent.stop().await
+    })
+    .await
+}
+
+/// The platform name of this machine in image indexes.
+fn native_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// containerd, podman and docker, one after the other, pull the same multi-platform image (a
+/// Docker manifest list of Docker v2s2 images, as on Docker Hub) through one agent: each picks
+/// this machine's platform, and upstream sends each of its layers once in all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_runtime_pulls_a_multi_platform_image_and_upstream_sends_each_layer_once()
+-> Result<()> {
+    within(async {
+        require_runtimes(&[CONTAINERD_BIN, CTR_BIN, PODMAN_BIN, DOCKERD_BIN, DOCKER_BIN])?;
+        let native = small_image(106, "native")?;
+        let foreign = small_image(107, "foreign")?;
+        require_tools()?;
+        let registry = Registry::start().await?;
+        let v2s2 = CopyOptions::default().format(ManifestFormat::V2s2);
+        let mut entries = Vec::new();
+        for (image, arch) in [(&native, native_arch()), (&foreign, "s390x")] {
+            let dest = format!("{}/test/multi:{}", registry.host_port(), image.tag());
+            let pushed = Skopeo::push_image(image, &dest, &v2s2).await?;
+            let digest = pushed.digest.context("skopeo reported no digest")?;
+            let manifest = get_streamed(
+                &format!("{}/v2/test/multi/manifests/{digest}", registry.url()),
+                &[("Accept", DOCKER_MANIFEST_V2)],
+                Duration::from_secs(10),
+            )
+            .await?;
+            ensure!(
+                manifest.status == 200,
+                "manifest {digest}: {}",
+                manifest.status
+            );
+            entries.push(serde_json::json!({
+                "mediaType": DOCKER_MANIFEST_V2,
+                "digest": digest,
+                "size": manifest.body.len(),
+                "platform": { "architecture": arch, "os": "linux" },
+            }));
+        }
+        let list = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": DOCKER_MANIFEST_LIST,
+            "manifests": entries,
+        })
+        .to_string();
+        let list_digest = push_manifest(
+            &registry.url(),
+            "test/multi",
+            "v1",
+            DOCKER_MANIFEST_LIST,
+            list.as_bytes(),
+        )
+        .await?;
+        let agent = agent_for(&[("docker.io", &registry)]).await?;
+        let proxy = Proxy::start(&agent.url()).await?;
+
+        let hosts = HostsDir::new()?;
+        hosts.add_mirror("docker.io", DOCKER_HUB, &proxy.url())?;
+        let containerd = Containerd::start().await?;
+        containerd
+            .pull("docker.io/test/multi:v1", &hosts)
+            .await
+            .with_context(|| format!("containerd log:\n{}", containerd.log_text()))?;
+        ensure!(containerd.image_digest("docker.io/test/multi:v1").await? == list_digest);
+        containerd.stop().await?;
+
+        let podman = Podman::with_mirror("docker.io", "registry-1.docker.io", &proxy.host_port())?;
+        podman.pull("docker.io/test/multi:v1").await?;
+        ensure!(diff_ids(&podman.inspect("docker.io/test/multi:v1").await?) == native.diff_ids);
+
+        let dockerd = Dockerd::start(&proxy.url()).await?;
+        dockerd
+            .pull("test/multi:v1")
+            .await
+            .with_context(|| format!("dockerd log:\n{}", dockerd.log_text()))?;
+        ensure!(diff_ids(&dockerd.inspect("test/multi:v1").await?) == native.diff_ids);
+        dockerd.stop().await?;
+
+        let requests = proxy.requests();
+        all_succeeded(&requests, "the runtimes")?;
+        for layer in &native.layers {
+            ensure!(
+                proxy.blob_get_count(&layer.digest) == 3,
+                "each runtime should have fetched layer {} from the agent once",
+                layer.digest
+            );
+            ensure!(
+                registry.blob_get_count(&layer.digest) == 1,
+                "layer {} fetched {} times from upstream",
+                layer.digest,
+                registry.blob_get_count(&layer.digest)
+            );
+        }
+        for layer in &foreign.layers {
+            ensure!(
+                registry.blob_get_count(&layer.digest) == 0,
+                "a layer of the other platform was fetched"
+            );
+        }
+        agent.stop().await
+    })
+    .await
+}
+
+/// After one pull, the registry goes away: fresh containerd, podman and docker instances still
+/// pull the tag, which the agent answers from its last known manifest (offline grace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_runtime_pulls_a_cached_tag_while_the_registry_is_down() -> Result<()> {
+    within(async {
+        require_runtimes(&[CONTAINERD_BIN, CTR_BIN, PODMAN_BIN, DOCKERD_BIN, DOCKER_BIN])?;
+        let image = small_image(108, "v1")?;
+        let mut registry = registry_with(&image, "test/app").await?;
+        let mut opts = AgentOptions::new(&registry.url());
+        opts.upstreams = vec![("docker.io".to_owned(), registry.url())];
+        // Every tag request goes upstream first, so the grace path is what answers.
+        opts.tag_cache_ttl = Duration::ZERO;
+        let agent = TestAgent::start_with(opts).await?;
+        let proxy = Proxy::start(&agent.url()).await?;
+        let hosts = HostsDir::new()?;
+        hosts.add_mirror("docker.io", DOCKER_HUB, &proxy.url())?;
+
+        let warm = Containerd::start().await?;
+        warm.pull("docker.io/test/app:v1", &hosts).await?;
+        warm.stop().await?;
+        registry.stop().await?;
+        proxy.reset();
+
+        let started = Instant::now();
+        let containerd = Containerd::start().await?;
+        containerd
+            .pull("docker.io/test/app:v1", &hosts)
+            .await
+            .with_context(|| format!("containerd log:\n{}", containerd.log_text()))?;
+        ensure!(containerd.image_digest("docker.io/test/app:v1").await? == image.manifest_digest);
+        containerd.stop().await?;
+        let containerd_time = started.elapsed();
+
+        let started = Instant::now();
+        let podman = Podman::with_mirror("docker.io", "registry-1.docker.io", &proxy.host_port())?;
+        podman.pull("docker.io/test/app:v1").await?;
+        ensure!(diff_ids(&podman.inspect("docker.io/test/app:v1").await?) == image.diff_ids);
+        let podman_time = started.elapsed();
+
+        let started = Instant::now();
+        let dockerd = Dockerd::start(&proxy.url()).await?;
+        dockerd
+            .pull("test/app:v1")
+            .await
+            .with_context(|| format!("dockerd log:\n{}", dockerd.log_text()))?;
+        ensure!(diff_ids(&dockerd.inspect("test/app:v1").await?) == image.diff_ids);
+        dockerd.stop().await?;
+        let docker_time = started.elapsed();
+
+        let requests = proxy.requests();
+        all_succeeded(&requests, "the runtimes")?;
+        ensure!(
+            agent
+                .metric("shoal_agent_stale_manifests_served_total")
+                .await?
+                >= 3.0
+        );
+        eprintln!(
+            "registry down: containerd {containerd_time:.2?}, podman {podman_time:.2?}, \
+             docker {docker_time:.2?}"
+        );
+        agent.stop().await
+    })
+    .await
+}
+
+/// Upstream breaks mid-layer while containerd pulls through the agent. When upstream dies, the
+/// agent resumes with a Range request and containerd notices nothing. When upstream sends
+/// corrupt bytes, the agent aborts the download: containerd never commits a wrong blob, the
+/// agent never stores one, and a fresh containerd then pulls the image.
+///
+/// (containerd 1.6 itself resumes the aborted body with `Range: bytes=<size-1>-`, gets the
+/// last byte from the agent's next, verified, download, and then fails its commit with
+/// "unexpected commit digest"; its full-size ingest stays, so that containerd fails every later
+/// pull of the image until the ingest is removed or its lease expires. Docker 20.10 recovers on
+/// its own, re-downloading after its retry delay.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pull_survives_an_upstream_that_breaks_mid_layer() -> Result<()> {
+    within(async {
+        require_runtimes(&[CONTAINERD_BIN, CTR_BIN])?;
+        let cut = small_image(109, "v1")?;
+        let bad = small_image(110, "v1")?;
+        let registry = registry_with(&cut, "test/cut").await?;
+        let dest = format!("{}/test/bad:v1", registry.host_port());
+        Skopeo::push_image(&bad, &dest, &CopyOptions::default()).await?;
+        let upstream = Proxy::start(&registry.url()).await?;
+        let mut opts = AgentOptions::new(&upstream.url());
+        opts.upstreams = vec![("docker.io".to_owned(), upstream.url())];
+        let agent = TestAgent::start_with(opts).await?;
+        let proxy = Proxy::start(&agent.url()).await?;
+        let hosts = HostsDir::new()?;
+        hosts.add_mirror("docker.io", DOCKER_HUB, &proxy.url())?;
+        let containerd = Containerd::start().await?;
+
+        let cut_layer = &cut.layers[1].digest;
+        upstream.inject_times(cut_layer, Fault::TruncateAfter(MIB as u64 / 2), 1);
+        containerd
+            .pull("docker.io/test/cut:v1", &hosts)
+            .await
+            .with_context(|| format!("containerd log:\n{}", containerd.log_text()))?;
+        ensure!(containerd.image_digest("docker.io/test/cut:v1").await? == cut.manifest_digest);
+        let requests = proxy.requests();
+        all_succeeded(&requests, "containerd")?;
+        ensure!(
+            requests.iter().all(|r| r.complete && r.range.is_none()),
+            "containerd should have seen one whole answer per request: {:#?}",
+            requests.iter().map(describe).collect::<Vec<_>>()
+        );
+        ensure!(
+            upstream
+                .requests()
+                .iter()
+                .any(|r| r.blob_digest() == Some(cut_layer) && r.range.is_some()),
+            "the agent should have resumed the cut layer with a Range request"
+        );
+
+        let bad_layer = &bad.layers[1].digest;
+        upstream.inject_times(bad_layer, Fault::Corrupt, 1);
+        let first = containerd.pull("docker.io/test/bad:v1", &hosts).await;
+        ensure!(
+            agent
+                .metric("shoal_agent_verification_failures_total")
+                .await?
+                >= 1.0
+        );
+        match first {
+            Ok(_) => ensure!(
+                containerd.image_digest("docker.io/test/bad:v1").await? == bad.manifest_digest
+            ),
+            Err(e) => ensure!(
+                format!("{e:#}").contains("unexpected commit digest"),
+                "containerd should refuse the blob for its digest: {e:#}"
+            ),
+        }
+        let fresh = Containerd::start().await?;
+        fresh
+            .pull("docker.io/test/bad:v1", &hosts)
+            .await
+            .with_context(|| format!("containerd log:\n{}", fresh.log_text()))?;
+        ensure!(fresh.image_digest("docker.io/test/bad:v1").await? == bad.manifest_digest);
+        let content = fresh.content_digests().await?;
+        ensure!(content.contains(bad_layer));
+        fresh.stop().await?;
+        containerd.stop().await?;
         agent.stop().await
     })
     .await
