@@ -9,12 +9,14 @@
 //! - [`users`]: the `user add|remove|list` editor of htpasswd files;
 //! - [`certs`]: `cert init`, a CA and a server certificate made with rcgen;
 //! - [`tls`]: the rustls server configuration with a reloadable certificate;
+//! - [`config`]: the configuration file and flags of `serve`, validated;
 //! - [`cli`]: the command line, so that the binary stays a thin shell.
 
 pub mod access;
 pub mod auth;
 pub mod certs;
 pub mod cli;
+pub mod config;
 pub mod htpasswd;
 pub mod tls;
 pub mod users;
