@@ -337,6 +337,11 @@ impl Authenticator {
         self.snapshot().users.len()
     }
 
+    /// Whether access rules are configured (otherwise every user may do everything).
+    pub fn rules_enabled(&self) -> bool {
+        self.snapshot().rules.is_enabled()
+    }
+
     /// Whether `user` (already authenticated) may perform `action` on `repo`.
     pub fn authorize(&self, user: &str, repo: &RepoName, action: Action) -> bool {
         self.snapshot().rules.authorize(user, repo, action)

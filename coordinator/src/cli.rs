@@ -1,15 +1,18 @@
-//! The command line: `user add|remove|list` and `cert init`. The binary parses, sets up
-//! tracing and maps [`CliError`] to an exit code; everything else is here.
+//! The command line: `serve`, `user add|remove|list` and `cert init`. The binary calls
+//! [`main`]; everything else is here. Exit codes: 0 success, 1 failure, 2 bad configuration
+//! or usage.
 
 use std::io::{self, BufRead, IsTerminal, Read, Write};
 use std::net::IpAddr;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::path::PathBuf;
+use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use rustix::termios::{LocalModes, OptionalActions, Termios, tcgetattr, tcsetattr};
 
 use crate::certs::{self, CertError, CertInitOptions};
+use crate::config::{Config, ConfigError, LogFormat, Overrides};
 use crate::htpasswd::Scheme;
 use crate::users::{self, AddOutcome, UsersError};
 
@@ -29,12 +32,26 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the registry front door until SIGTERM (SIGHUP reloads certificate and users).
+    Serve(ServeArgs),
     /// Manage users of an htpasswd file.
     #[command(subcommand)]
     User(UserCommand),
     /// Manage TLS certificates.
     #[command(subcommand)]
     Cert(CertCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file (deploy/coordinator.toml documents every setting).
+    #[arg(short, long, value_name = "FILE", env = "SHOAL_COORDINATOR_CONFIG")]
+    pub config: PathBuf,
+    /// Check the configuration, print the result, and exit.
+    #[arg(long)]
+    pub check_config: bool,
+    #[command(flatten)]
+    pub overrides: Overrides,
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,6 +126,10 @@ pub enum CliError {
     Users(#[from] UsersError),
     #[error(transparent)]
     Cert(#[from] CertError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{0:#}")]
+    Serve(anyhow::Error),
     #[error("standard input is not a terminal: pass --password-stdin and write the password to it")]
     NoTerminal,
     #[error("passwords do not match")]
@@ -120,15 +141,107 @@ pub enum CliError {
 }
 
 impl CliError {
-    /// 1 for every failure; clap uses 2 for usage errors before we get here.
+    /// 2 for a bad configuration (like clap's usage errors), 1 for any other failure.
     pub fn exit_code(&self) -> u8 {
-        1
+        match self {
+            CliError::Config(_) => 2,
+            _ => 1,
+        }
     }
 }
 
-/// Runs a parsed command, writing its report to `out`.
+/// Runs `shoal-coordinator` as the binary does: parse, set up tracing, run, exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        command => {
+            init_tracing(LogFormat::Text, "info");
+            let mut stdout = io::stdout().lock();
+            let result = run(Cli { command }, &mut stdout);
+            let _ = stdout.flush();
+            result
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("shoal-coordinator: {error}");
+            ExitCode::from(error.exit_code())
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+/// `serve`: load and check the config, bind, run until SIGTERM or Ctrl-C.
+fn serve(args: ServeArgs) -> Result<(), CliError> {
+    let config = Config::load(&args.config, &args.overrides)?;
+    if args.check_config {
+        println!("configuration is valid: {config:#?}");
+        return Ok(());
+    }
+    init_tracing(config.log.format, &config.log.level);
+    let runtime = tokio::runtime::Runtime::new()
+        .map_err(|e| CliError::Serve(anyhow::anyhow!("cannot start the async runtime: {e}")))?;
+    runtime
+        .block_on(async {
+            use anyhow::Context as _;
+            let bind = |addr: std::net::SocketAddr, what: &'static str| async move {
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} ({what})"))
+            };
+            let https = bind(config.server.listen, "server.listen").await?;
+            let http = match config.server.insecure_http_listen {
+                Some(a) => Some(bind(a, "server.insecure_http_listen").await?),
+                None => None,
+            };
+            let metrics = match config.metrics_listen {
+                Some(a) => Some(bind(a, "metrics.listen").await?),
+                None => None,
+            };
+            let listeners = crate::Listeners {
+                https,
+                http,
+                metrics,
+            };
+            crate::run(config, listeners, shutdown_signal()).await?;
+            Ok::<(), anyhow::Error>(())
+        })
+        .map_err(CliError::Serve)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: shutting down"),
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot install a SIGTERM handler; only Ctrl-C stops");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Runs a parsed `user` or `cert` command, writing its report to `out`.
 pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
     match cli.command {
+        Command::Serve(_) => Err(CliError::Serve(anyhow::anyhow!(
+            "serve runs through cli::main, not cli::run"
+        ))),
         Command::User(UserCommand::Add(args)) => {
             users::validate_user_name(&args.user)?;
             let password = read_password(args.password_stdin)?;
