@@ -21,6 +21,7 @@
 //! ```
 
 pub mod agent;
+pub mod coordinator;
 pub mod http;
 pub mod image;
 pub mod net;
