@@ -164,6 +164,12 @@ impl Bitmap {
         self.len
     }
 
+    /// The bits as 64-bit words, piece `i` at bit `i % 64` of word `i / 64`; bits past `len`
+    /// are zero. For word-at-a-time set operations.
+    pub fn words(&self) -> &[u64] {
+        &self.bits
+    }
+
     /// Little-endian bit order, `ceil(len / 8)` bytes: bit `i` is `bytes[i / 8] >> (i % 8)`.
     pub fn to_bytes(&self) -> Vec<u8> {
         let n = (self.len as usize).div_ceil(8);

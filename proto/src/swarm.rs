@@ -185,11 +185,18 @@ pub struct Swarm<P: PeerKey> {
     avail: Vec<u32>,
     /// Requests in flight for each piece (peers and origin).
     inflight: Vec<u8>,
+    /// Pieces with at least one request in flight.
+    pieces_in_flight: u32,
+    /// Pieces that may be asked for now: missing, none in flight, hash known.
+    want: Bitmap,
     peers: BTreeMap<P, PeerState>,
     outstanding: Vec<Outstanding<P>>,
     origin_allowed: bool,
     origin_retry_at: Time,
+    /// Something changed that may allow requests to any peer.
     dirty: bool,
+    /// Peers that may take a request (new pieces announced) though nothing else changed.
+    dirty_peers: Vec<P>,
     idle_since: Option<Time>,
     last_now: Time,
     complete: bool,
@@ -223,11 +230,14 @@ impl<P: PeerKey> Swarm<P> {
             next_missing: 0,
             avail: Vec::new(),
             inflight: Vec::new(),
+            pieces_in_flight: 0,
+            want: Bitmap::new(0),
             peers: BTreeMap::new(),
             outstanding: Vec::new(),
             origin_allowed: false,
             origin_retry_at: Time::ZERO,
             dirty: true,
+            dirty_peers: Vec::new(),
             idle_since: Some(now),
             last_now: now,
             complete: false,
@@ -299,6 +309,8 @@ impl<P: PeerKey> Swarm<P> {
         self.have = Bitmap::new(n);
         self.avail = vec![0; n as usize];
         self.inflight = vec![0; n as usize];
+        self.pieces_in_flight = 0;
+        self.want = Bitmap::new(n);
         self.next_missing = 0;
         for p in self.peers.values_mut() {
             if p.have.len() != n {
@@ -328,12 +340,14 @@ impl<P: PeerKey> Swarm<P> {
             let slot = &mut self.hashes[i];
             if slot.is_some_and(|known| known != *h) && self.have.get(i as u32) {
                 self.have.clear(i as u32);
+                self.want.set(i as u32);
                 self.complete = false;
                 self.events
                     .push_back(Event::PieceDiscarded { piece: i as u32 });
                 self.next_missing = self.next_missing.min(i as u32);
             }
             *slot = Some(*h);
+            self.refresh(i as u32);
         }
         self.anchored = true;
         self.dirty = true;
@@ -357,12 +371,41 @@ impl<P: PeerKey> Swarm<P> {
             let slot = &mut self.hashes[i as usize];
             if slot.is_none() {
                 *slot = Some(h);
+                self.refresh(i);
                 if !self.have.get(i) {
                     self.dirty = true;
                 }
             }
         }
         true
+    }
+
+    /// Recomputes whether piece `i` may be asked for.
+    fn refresh(&mut self, i: u32) {
+        let ok = !self.have.get(i)
+            && self.inflight[i as usize] == 0
+            && self.hashes[i as usize].is_some();
+        if ok {
+            self.want.set(i);
+        } else {
+            self.want.clear(i);
+        }
+    }
+
+    fn inc_inflight(&mut self, i: u32) {
+        if self.inflight[i as usize] == 0 {
+            self.pieces_in_flight += 1;
+        }
+        self.inflight[i as usize] += 1;
+        self.refresh(i);
+    }
+
+    fn dec_inflight(&mut self, i: u32) {
+        self.inflight[i as usize] -= 1;
+        if self.inflight[i as usize] == 0 {
+            self.pieces_in_flight -= 1;
+        }
+        self.refresh(i);
     }
 
     // -----------------------------------------------------------------------------------------
@@ -432,11 +475,8 @@ impl<P: PeerKey> Swarm<P> {
             return;
         }
         self.avail[piece as usize] += 1;
-        if !self.have.get(piece)
-            && self.inflight[piece as usize] == 0
-            && p.inflight < self.config.max_requests_per_peer
-        {
-            self.dirty = true;
+        if self.want.get(piece) && p.inflight < self.config.max_requests_per_peer {
+            self.dirty_peers.push(peer.clone());
         }
     }
 
@@ -507,7 +547,7 @@ impl<P: PeerKey> Swarm<P> {
         });
         for r in freed {
             for i in r {
-                self.inflight[i as usize] -= 1;
+                self.dec_inflight(i);
             }
         }
         self.origin_retry_at = now + self.config.busy_backoff * 5;
@@ -580,6 +620,7 @@ impl<P: PeerKey> Swarm<P> {
             Source::Peer(_) => self.stats.from_peers += 1,
         }
         self.have.set(piece);
+        self.refresh(piece);
         self.events.push_back(Event::PieceVerified { piece });
         self.transmits.push_back(Transmit::Have { piece });
         // Other copies in flight (end game) are no longer needed.
@@ -593,7 +634,7 @@ impl<P: PeerKey> Swarm<P> {
                 _ => true,
             });
             for p in cancel {
-                self.inflight[piece as usize] -= 1;
+                self.dec_inflight(piece);
                 if let Some(st) = self.peers.get_mut(&p) {
                     st.inflight -= 1;
                 }
@@ -678,7 +719,7 @@ impl<P: PeerKey> Swarm<P> {
             // The origin stream is alive: its remaining pieces get a fresh deadline.
             self.outstanding[pos].deadline = self.last_now + self.config.stall_timeout;
         }
-        self.inflight[piece as usize] -= 1;
+        self.dec_inflight(piece);
         if let Source::Peer(p) = source
             && let Some(st) = self.peers.get_mut(p)
         {
@@ -700,7 +741,7 @@ impl<P: PeerKey> Swarm<P> {
         });
         for r in dropped {
             for i in r.clone() {
-                self.inflight[i as usize] -= 1;
+                self.dec_inflight(i);
             }
             if cancel {
                 self.transmits.push_back(match source {
@@ -745,7 +786,7 @@ impl<P: PeerKey> Swarm<P> {
         for (source, pieces) in stalled {
             self.stats.stalls += 1;
             for i in pieces.clone() {
-                self.inflight[i as usize] -= 1;
+                self.dec_inflight(i);
             }
             match source {
                 Source::Origin => {
@@ -824,10 +865,6 @@ impl<P: PeerKey> Swarm<P> {
         self.events.pop_front()
     }
 
-    fn wanted(&self, i: u32) -> bool {
-        !self.have.get(i) && self.inflight[i as usize] == 0 && self.hashes[i as usize].is_some()
-    }
-
     /// The piece to ask of `peer` next, if any.
     fn pick(&mut self, peer: &P, endgame: bool) -> Option<u32> {
         let p = &self.peers[peer];
@@ -838,22 +875,34 @@ impl<P: PeerKey> Swarm<P> {
             .min(n);
         let mut i = self.next_missing;
         while i < window_end {
-            if self.wanted(i) && p.have.get(i) {
+            // Only pieces with several sources: asking everyone's next pieces of their sole
+            // holder (the seeder, early on) would have it upload the same pieces again and
+            // again instead of new ones.
+            if self.want.get(i) && p.have.get(i) && self.avail[i as usize] >= 2 {
                 return Some(i);
             }
             i = self.have.next_missing(i + 1);
         }
-        // Rarest first, scanning from a random start so that ties go to a random piece.
-        let start = self.rng.below(u64::from(n)) as u32;
+        // Rarest first; ties go to a random one of them (reservoir sampling).
         let mut best: Option<(u32, u32)> = None;
-        for k in 0..n {
-            let i = (start + k) % n;
-            if self.wanted(i) && p.have.get(i) {
+        let mut ties = 0u64;
+        for (k, (w, h)) in self.want.words().iter().zip(p.have.words()).enumerate() {
+            let mut bits = w & h;
+            while bits != 0 {
+                let i = k as u32 * 64 + bits.trailing_zeros();
+                bits &= bits - 1;
                 let a = self.avail[i as usize];
-                if best.is_none_or(|(_, b)| a < b) {
-                    best = Some((i, a));
-                    if a <= 1 {
-                        break;
+                match best {
+                    Some((_, b)) if a > b => {}
+                    Some((_, b)) if a == b => {
+                        ties += 1;
+                        if self.rng.below(ties) == 0 {
+                            best = Some((i, a));
+                        }
+                    }
+                    _ => {
+                        best = Some((i, a));
+                        ties = 1;
                     }
                 }
             }
@@ -865,6 +914,7 @@ impl<P: PeerKey> Swarm<P> {
             return None;
         }
         // End game: a second copy of a piece in flight elsewhere, lowest first.
+        let src = Source::Peer(peer.clone());
         (self.next_missing..n).find(|&i| {
             !self.have.get(i)
                 && self.inflight[i as usize] == 1
@@ -873,31 +923,38 @@ impl<P: PeerKey> Swarm<P> {
                 && !self
                     .outstanding
                     .iter()
-                    .any(|o| o.pieces.contains(&i) && o.source == Source::Peer(peer.clone()))
+                    .any(|o| o.pieces.contains(&i) && o.source == src)
         })
     }
 
     fn schedule(&mut self, now: Time) {
-        if !self.dirty || self.complete || self.geometry.is_none() {
+        if (!self.dirty && self.dirty_peers.is_empty()) || self.complete || self.geometry.is_none()
+        {
             return;
         }
-        self.dirty = false;
+        let all = std::mem::take(&mut self.dirty);
+        let mut only = std::mem::take(&mut self.dirty_peers);
         let n = self.have.len();
         let mut peer_requests: u32 = self
             .outstanding
             .iter()
             .filter(|o| o.source != Source::Origin)
             .count() as u32;
-        let mut candidates: Vec<P> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| {
-                !p.quarantined
-                    && p.busy_until <= now
-                    && p.inflight < self.config.max_requests_per_peer
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
+        let usable = |p: &PeerState| {
+            !p.quarantined && p.busy_until <= now && p.inflight < self.config.max_requests_per_peer
+        };
+        let mut candidates: Vec<P> = if all {
+            self.peers
+                .iter()
+                .filter(|(_, p)| usable(p))
+                .map(|(k, _)| k.clone())
+                .collect()
+        } else {
+            only.sort();
+            only.dedup();
+            only.retain(|k| self.peers.get(k).is_some_and(usable));
+            only
+        };
         self.rng.shuffle(&mut candidates);
         let missing = n - self.have.count_ones();
         // Round-robin, one request per peer per turn, so that the rarest pieces spread over
@@ -905,8 +962,7 @@ impl<P: PeerKey> Swarm<P> {
         let mut progress = true;
         while progress && peer_requests < self.config.max_requests {
             progress = false;
-            let in_flight_pieces = self.inflight.iter().filter(|&&c| c > 0).count() as u32;
-            let endgame = self.config.endgame && in_flight_pieces >= missing;
+            let endgame = self.config.endgame && self.pieces_in_flight >= missing;
             for peer in &candidates {
                 if peer_requests >= self.config.max_requests {
                     break;
@@ -917,7 +973,7 @@ impl<P: PeerKey> Swarm<P> {
                 let Some(i) = self.pick(peer, endgame) else {
                     continue;
                 };
-                self.inflight[i as usize] += 1;
+                self.inc_inflight(i);
                 self.peers.get_mut(peer).expect("candidate").inflight += 1;
                 self.outstanding.push(Outstanding {
                     source: Source::Peer(peer.clone()),
@@ -950,7 +1006,7 @@ impl<P: PeerKey> Swarm<P> {
                 }
                 let start = i;
                 while i < n && i - start < self.config.origin_range_pieces && fetchable(self, i) {
-                    self.inflight[i as usize] += 1;
+                    self.inc_inflight(i);
                     i += 1;
                 }
                 self.outstanding.push(Outstanding {
