@@ -409,6 +409,17 @@ impl TestCoordinator {
         self.client_builder()?.build().context("building client")
     }
 
+    /// An HTTPS client trusting the test CA that speaks HTTP/1.1 only (ALPN http/1.1).
+    pub fn client_http1(&self) -> Result<reqwest::Client> {
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(self.tls_client_config(&[b"http/1.1"])?)
+            .http1_only()
+            .redirect(reqwest::redirect::Policy::none())
+            .timeout(Duration::from_secs(30))
+            .build()
+            .context("building client")
+    }
+
     /// An HTTPS client trusting the test CA whose connections come from `ip` (127.0.0.2,
     /// 127.0.0.3, ... play other hosts).
     pub fn client_from(&self, ip: IpAddr) -> Result<reqwest::Client> {
@@ -517,12 +528,18 @@ impl RawExchange {
         text.lines().next()?.split_whitespace().nth(1)?.parse().ok()
     }
 
-    /// How many responses (status lines) arrived.
+    /// The status of every response that arrived, in order. (Status lines are found
+    /// anywhere: a body without a trailing newline runs into the next status line.)
+    pub fn statuses(&self) -> Vec<u16> {
+        let text = self.text();
+        text.match_indices("HTTP/1.1 ")
+            .filter_map(|(i, m)| text.get(i + m.len()..i + m.len() + 3)?.parse().ok())
+            .collect()
+    }
+
+    /// How many responses arrived.
     pub fn responses(&self) -> usize {
-        String::from_utf8_lossy(&self.bytes)
-            .lines()
-            .filter(|l| l.starts_with("HTTP/1.1 "))
-            .count()
+        self.statuses().len()
     }
 
     pub fn text(&self) -> String {
