@@ -1,0 +1,220 @@
+//! Coalescing through the coordinator: concurrent cold GETs of one blob (or manifest digest)
+//! cost one upstream GET, every client gets every byte, including clients that join after
+//! the body started streaming. A fault-injecting proxy between coordinator and registry
+//! holds the upstream body at a known point, so "concurrent" is arranged, not hoped for.
+
+use std::future::Future;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use shoal_tests::coordinator::{CoordinatorOptions, TestCoordinator, require_coordinator_tools};
+use shoal_tests::http::push_blob;
+use shoal_tests::image::sha256_digest;
+use shoal_tests::{CopyOptions, Fault, ImageSpec, Proxy, Registry, Skopeo, TestImage, wait_until};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+const MIB: usize = 1 << 20;
+
+async fn within(test: impl Future<Output = Result<()>>) -> Result<()> {
+    tokio::time::timeout(TEST_TIMEOUT, test)
+        .await
+        .context("test timed out")?
+}
+
+/// Starts `n` GETs of `url`, each returning its whole body.
+fn spawn_gets(
+    client: &reqwest::Client,
+    url: &str,
+    n: usize,
+    accept: Option<&'static str>,
+) -> Vec<tokio::task::JoinHandle<Result<Vec<u8>>>> {
+    (0..n)
+        .map(|_| {
+            let (client, url) = (client.clone(), url.to_owned());
+            tokio::spawn(async move {
+                let mut req = client.get(&url);
+                if let Some(a) = accept {
+                    req = req.header("accept", a);
+                }
+                let r = req.send().await?;
+                ensure!(r.status() == 200, "{}", r.status());
+                Ok(r.bytes().await?.to_vec())
+            })
+        })
+        .collect()
+}
+
+/// Waits until the upstream response for `reference` has sent `bytes` and stopped there
+/// (a release before the stall would be lost).
+async fn stalled(proxy: &Proxy, reference: &str, bytes: u64) -> Result<()> {
+    proxy
+        .wait_for(
+            Duration::from_secs(20),
+            "the upstream body stalled",
+            |reqs| {
+                reqs.iter()
+                    .any(|r| r.path.ends_with(reference) && r.body_bytes >= bytes)
+            },
+        )
+        .await
+}
+
+async fn coalesced(c: &TestCoordinator) -> f64 {
+    c.metric_sum("shoal_coordinator_coalesced_requests_total", &[])
+        .await
+        .unwrap_or(-1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coordinator_coalesces_twenty_cold_gets_of_one_blob_into_one_upstream_get() -> Result<()> {
+    within(async {
+        require_coordinator_tools()?;
+        let registry = Registry::start().await?;
+        let blob: Vec<u8> = (0..8 * MIB).map(|i| (i * 7 % 251) as u8).collect();
+        let digest = push_blob(&registry.url(), "cold/app", &blob).await?;
+        let proxy = Proxy::start(&registry.url()).await?;
+        let c = TestCoordinator::start(CoordinatorOptions::new(&[proxy.url()])).await?;
+        let client = c.client()?;
+        let url = c.url(&format!("/v2/cold/app/blobs/{digest}"));
+
+        // The upstream body stops after 1 MiB until released.
+        proxy.stall_blob_after(&digest, MIB as u64);
+        let mut gets = spawn_gets(&client, &url, 10, None);
+        wait_until(Duration::from_secs(20), "10 clients share one flight", || async {
+            coalesced(&c).await >= 9.0
+        })
+        .await?;
+        proxy
+            .wait_for(Duration::from_secs(20), "1 MiB of the blob streamed", |reqs| {
+                reqs.iter()
+                    .any(|r| r.blob_digest() == Some(digest.as_str()) && r.body_bytes >= MIB as u64)
+            })
+            .await?;
+        // Late joiners: the body is half-way through; they must still get byte 0 onwards.
+        gets.extend(spawn_gets(&client, &url, 10, None));
+        wait_until(Duration::from_secs(20), "the late clients joined", || async {
+            coalesced(&c).await >= 19.0
+        })
+        .await?;
+        proxy.release_stalls();
+        for g in gets {
+            let body = g.await??;
+            ensure!(body.len() == blob.len(), "a client got {} bytes", body.len());
+            ensure!(sha256_digest(&body) == digest, "a client got corrupt bytes");
+        }
+        let at_proxy = proxy.blob_get_count(&digest);
+        let at_registry = registry.blob_get_count(&digest);
+        println!(
+            "20 concurrent GETs of an 8 MiB blob: {at_proxy} upstream GET (proxy), {at_registry} (registry log), {} coalesced",
+            coalesced(&c).await
+        );
+        ensure!(at_proxy == 1, "{at_proxy} upstream GETs at the proxy");
+        ensure!(at_registry == 1, "{at_registry} upstream GETs in the registry log");
+        ensure!(coalesced(&c).await == 19.0);
+
+        // Once the flight is over, the next GET goes upstream again: nothing is cached.
+        proxy.clear_faults();
+        let again = spawn_gets(&client, &url, 1, None).pop().context("one get")?.await??;
+        ensure!(sha256_digest(&again) == digest);
+        ensure!(proxy.blob_get_count(&digest) == 2);
+        c.stop().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coordinator_coalesces_manifest_gets_by_digest_but_not_by_tag() -> Result<()> {
+    within(async {
+        require_coordinator_tools()?;
+        let registry = Registry::start().await?;
+        let image = TestImage::generate(&ImageSpec::new(vec![4096], 5), "v1")?;
+        Skopeo::push_image(
+            &image,
+            &format!("{}/man/app:v1", registry.host_port()),
+            &CopyOptions::default(),
+        )
+        .await?;
+        let proxy = Proxy::start(&registry.url()).await?;
+        let c = TestCoordinator::start(CoordinatorOptions::new(&[proxy.url()])).await?;
+        let client = c.client()?;
+        let oci = Some("application/vnd.oci.image.manifest.v1+json");
+
+        // One byte of the manifest gets through, then the upstream body stops until released.
+        proxy.inject(&image.manifest_digest, Fault::StallAfter(1));
+        let by_digest = c.url(&format!("/v2/man/app/manifests/{}", image.manifest_digest));
+        let gets = spawn_gets(&client, &by_digest, 10, oci);
+        wait_until(
+            Duration::from_secs(20),
+            "10 manifest GETs share one flight",
+            || async { coalesced(&c).await >= 9.0 },
+        )
+        .await?;
+        stalled(&proxy, &image.manifest_digest, 1).await?;
+        proxy.release_stalls();
+        for g in gets {
+            ensure!(sha256_digest(&g.await??) == image.manifest_digest);
+        }
+        let upstream = proxy.count(&http::Method::GET, |p| p.ends_with(&image.manifest_digest));
+        ensure!(
+            upstream == 1,
+            "{upstream} upstream GETs for the manifest digest"
+        );
+        proxy.clear_faults();
+
+        // Tags are mutable: each GET by tag goes upstream.
+        for g in spawn_gets(&client, &c.url("/v2/man/app/manifests/v1"), 5, oci) {
+            ensure!(sha256_digest(&g.await??) == image.manifest_digest);
+        }
+        let by_tag = proxy.count(&http::Method::GET, |p| p.ends_with("/manifests/v1"));
+        ensure!(by_tag == 5, "{by_tag} upstream GETs for 5 GETs by tag");
+        c.stop().await
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coordinator_aborts_every_waiter_when_the_shared_upstream_body_breaks() -> Result<()> {
+    within(async {
+        require_coordinator_tools()?;
+        let registry = Registry::start().await?;
+        let blob = vec![42u8; 3 * MIB];
+        let digest = push_blob(&registry.url(), "broken/app", &blob).await?;
+        let proxy = Proxy::start(&registry.url()).await?;
+        let c = TestCoordinator::start(CoordinatorOptions::new(&[proxy.url()])).await?;
+        let url = c.url(&format!("/v2/broken/app/blobs/{digest}"));
+
+        proxy.inject_times(&digest, Fault::StallAfter(MIB as u64), 1);
+        proxy.inject_times(&digest, Fault::TruncateAfter(MIB as u64 + 65536), 1);
+        let client = c.client()?;
+        let waiters: Vec<_> = (0..5)
+            .map(|_| {
+                let (client, url) = (client.clone(), url.clone());
+                tokio::spawn(async move {
+                    let r = client.get(&url).send().await?;
+                    ensure!(r.status() == 200, "{}", r.status());
+                    // Err: the transfer was aborted, which is what must happen.
+                    Ok(r.bytes().await.map(|b| b.len()))
+                })
+            })
+            .collect();
+        wait_until(
+            Duration::from_secs(20),
+            "5 clients share one flight",
+            || async { coalesced(&c).await >= 4.0 },
+        )
+        .await?;
+        stalled(&proxy, &digest, MIB as u64).await?;
+        proxy.release_stalls();
+        for w in waiters {
+            match w.await?? {
+                Err(_) => {}
+                Ok(n) => anyhow::bail!("a client received a complete-looking body of {n} bytes"),
+            }
+        }
+        // The next request starts a fresh flight and succeeds.
+        let body = client.get(&url).send().await?.bytes().await?;
+        ensure!(sha256_digest(&body) == digest);
+        c.stop().await
+    })
+    .await
+}
