@@ -121,7 +121,11 @@ impl Coalescer {
         start: impl FnOnce() -> BoxFuture<'static, Result<Upstreamed, ApiError>>,
     ) -> (Subscription, bool) {
         let mut flights = self.lock();
-        if let Some(f) = flights.get(&key) {
+        // A flight that already failed is about to leave the map; start afresh rather than
+        // inherit its failure.
+        if let Some(f) = flights.get(&key)
+            && !matches!(f.tx.borrow().phase, Phase::Failed(_))
+        {
             self.metrics.coalesced();
             return (
                 Subscription {
