@@ -268,6 +268,40 @@ fn version_str(v: Version) -> &'static str {
     }
 }
 
+/// A request ready to go upstream.
+struct Prepared {
+    route: Route,
+    method: Method,
+    path: String,
+    need: Need,
+    user: Option<String>,
+    pool_index: usize,
+    pool: Arc<Pool>,
+    out: Outgoing,
+    body: Option<Body>,
+    /// Where `Location` headers are rewritten to.
+    public: Option<PublicBase>,
+    /// The digest of a coalescable GET.
+    digest: Option<shoal_proto::Digest>,
+}
+
+impl Prepared {
+    fn coalesce_key(&self) -> Option<FlightKey> {
+        let digest = self.digest.clone()?;
+        let (name, manifest) = match &self.route {
+            Route::Blob { name, .. } => (name, false),
+            Route::Manifest { name, .. } => (name, true),
+            _ => return None,
+        };
+        Some(FlightKey {
+            pool: self.pool_index,
+            repo: name.clone(),
+            digest,
+            manifest,
+        })
+    }
+}
+
 /// The gateway's shared state.
 pub struct Gateway {
     server: ServerConfig,
@@ -410,8 +444,8 @@ impl Gateway {
             tracing::warn!(peer = %conn.peer, reason, "refusing a request with ambiguous framing");
             return Err(ApiError::framing(reason));
         }
-        let path = req.uri().path().to_owned();
-        if matches!(path.as_str(), "/_ping" | "/v1/_ping" | "/healthz") {
+        let path = req.uri().path();
+        if matches!(path, "/_ping" | "/v1/_ping" | "/healthz") {
             let mut resp = Response::new(client::full("ok\n"));
             resp.headers_mut()
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
@@ -425,7 +459,22 @@ impl Gateway {
         }
         let user = self.authenticate(req.headers(), conn.peer.ip()).await?;
         log.user = user.clone();
+        let p = self.prepare(req, conn, user).await?;
+        match (&self.coalescer, p.coalesce_key()) {
+            (Some(coalescer), Some(key)) => self.coalesced(coalescer, key, p, log).await,
+            _ => self.forwarded(p, log).await,
+        }
+    }
 
+    /// Everything about a request that is decided before it goes upstream: route and
+    /// authorisation, pool, the first body frame, and the outgoing request.
+    async fn prepare(
+        &self,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+        user: Option<String>,
+    ) -> Result<Prepared, ApiError> {
+        let path = req.uri().path().to_owned();
         let route = Route::parse(&path).map_err(|e| ApiError::new(e.code(), e.to_string()))?;
         if uploads::has_bad_id(&path) {
             return Err(ApiError::new(
@@ -495,6 +544,11 @@ impl Gateway {
             (Policy::DigestHash, Some(d)) => AffinityKey::Digest(d.to_string()),
             _ => AffinityKey::None,
         };
+        // Plain GETs of content-addressed objects may share one upstream request.
+        let coalescable = method == Method::GET
+            && body.is_none()
+            && !parts.headers.contains_key(header::RANGE)
+            && !parts.headers.keys().any(|k| k.as_str().starts_with("if-"));
         let path_and_query = if query.is_empty() {
             path.clone()
         } else {
@@ -512,114 +566,105 @@ impl Gateway {
             scope_of(&need, from.as_ref()),
             affinity,
         );
+        Ok(Prepared {
+            route,
+            method,
+            path,
+            need,
+            user,
+            pool_index,
+            pool,
+            out,
+            body,
+            public,
+            digest: digest.filter(|_| coalescable),
+        })
+    }
 
-        // Coalescing: plain GETs of content-addressed objects.
-        if let (
-            Some(coalescer),
-            Some(digest),
-            Route::Blob { name, .. } | Route::Manifest { name, .. },
-        ) = (&self.coalescer, &digest, &route)
-            && method == Method::GET
-            && body.is_none()
-            && !parts.headers.contains_key(header::RANGE)
-            && !parts.headers.keys().any(|k| k.as_str().starts_with("if-"))
-        {
-            let key = FlightKey {
-                pool: pool_index,
-                repo: name.clone(),
-                digest: digest.clone(),
-                manifest: matches!(route, Route::Manifest { .. }),
-            };
-            let idle = self.server.idle_timeout;
-            let metrics = self.metrics.clone();
-            let flight_pool = Arc::clone(&pool);
-            let (mut sub, _shared) = coalescer.join(key, move || {
-                async move {
-                    let a =
-                        forward::forward(&flight_pool, &out, None, None, idle, &metrics).await?;
-                    let in_flight = a.in_flight;
-                    let body = Observed::new(a.body, move |_, _| drop(in_flight)).boxed_unsync();
-                    Ok(Upstreamed {
-                        head: Head {
-                            status: a.status,
-                            headers: a.headers,
-                            upstream: a.upstream,
-                            replica_url: Some(flight_pool.replicas[a.replica].url.clone()),
-                        },
-                        body,
-                    })
-                }
-                .boxed()
-            });
-            let head = sub.head().await?;
-            log.upstream = Some(head.upstream.clone());
-            return Ok(self.respond(
-                head.status,
-                &head.headers,
-                sub.into_body(),
-                head.replica_url.as_ref(),
-                public.as_ref(),
-            ));
-        }
+    /// Joins (or starts) the shared upstream request for a content-addressed GET.
+    async fn coalesced(
+        &self,
+        coalescer: &Arc<Coalescer>,
+        key: FlightKey,
+        p: Prepared,
+        log: &mut LogCtx,
+    ) -> Result<Response<Body>, ApiError> {
+        let idle = self.server.idle_timeout;
+        let metrics = self.metrics.clone();
+        let Prepared {
+            pool, out, public, ..
+        } = p;
+        let (mut sub, _shared) = coalescer.join(key, move || {
+            async move {
+                let a = forward::forward(&pool, &out, None, None, idle, &metrics).await?;
+                let in_flight = a.in_flight;
+                let body = Observed::new(a.body, move |_, _| drop(in_flight)).boxed_unsync();
+                Ok(Upstreamed {
+                    head: Head {
+                        status: a.status,
+                        headers: a.headers,
+                        upstream: a.upstream,
+                        replica_url: Some(pool.replicas[a.replica].url.clone()),
+                    },
+                    body,
+                })
+            }
+            .boxed()
+        });
+        let head = sub.head().await?;
+        log.upstream = Some(head.upstream.clone());
+        Ok(forward::respond(
+            head.status,
+            &head.headers,
+            sub.into_body(),
+            head.replica_url.as_ref(),
+            public.as_ref(),
+        ))
+    }
 
-        // Upload sessions stay on the replica that created them.
-        let session = uploads::upload_id(&path).map(str::to_owned);
+    /// Sends a request upstream on its own: balanced and retried, or pinned to its upload
+    /// session's replica.
+    async fn forwarded(&self, p: Prepared, log: &mut LogCtx) -> Result<Response<Body>, ApiError> {
+        let session = uploads::upload_id(&p.path).map(str::to_owned);
         let pinned = session
             .as_deref()
-            .and_then(|id| self.uploads.get(pool_index, id, Instant::now()));
+            .and_then(|id| self.uploads.get(p.pool_index, id, Instant::now()));
         let answer = forward::forward(
-            &pool,
-            &out,
-            body,
+            &p.pool,
+            &p.out,
+            p.body,
             pinned,
             self.server.idle_timeout,
             &self.metrics,
         )
         .await?;
         log.upstream = Some(answer.upstream.clone());
-        if matches!(route, Route::BlobUpload { .. }) {
-            self.track_upload(pool_index, &method, session.as_deref(), &answer);
+        if matches!(p.route, Route::BlobUpload { .. }) {
+            self.track_upload(p.pool_index, &p.method, session.as_deref(), &answer);
         }
         let in_flight = answer.in_flight;
-        let body = Observed::new(answer.body, move |_, _| drop(in_flight)).boxed_unsync();
-        let replica_url = pool.replicas[answer.replica].url.clone();
-        if need == Need::Catalog
+        let mut body = Observed::new(answer.body, move |_, _| drop(in_flight)).boxed_unsync();
+        let mut headers = answer.headers;
+        if p.need == Need::Catalog
             && answer.status == StatusCode::OK
-            && let (Some(auth), Some(user)) = (&self.auth, user.as_deref())
+            && let (Some(auth), Some(user)) = (&self.auth, p.user.as_deref())
             && auth.rules_enabled()
         {
             let bytes = read_limited(body, MAX_CATALOG_BYTES)
                 .await
                 .map_err(|e| ApiError::upstream(format!("cannot read the catalog: {e}")))?;
-            let filtered = filter_catalog(&bytes, |name| auth.authorize(user, name, Action::Pull))?;
-            let mut headers = answer.headers;
+            body = client::full(filter_catalog(&bytes, |name| {
+                auth.authorize(user, name, Action::Pull)
+            })?);
             headers.remove(header::CONTENT_LENGTH);
-            return Ok(self.respond(
-                answer.status,
-                &headers,
-                client::full(filtered),
-                Some(&replica_url),
-                public.as_ref(),
-            ));
         }
-        Ok(self.respond(
+        Ok(forward::respond(
             answer.status,
-            &answer.headers,
+            &headers,
             body,
-            Some(&replica_url),
-            public.as_ref(),
+            Some(&p.pool.replicas[answer.replica].url),
+            p.public.as_ref(),
         ))
-    }
-
-    fn respond(
-        &self,
-        status: StatusCode,
-        headers: &HeaderMap,
-        body: Body,
-        replica: Option<&url::Url>,
-        public: Option<&PublicBase>,
-    ) -> Response<Body> {
-        forward::respond(status, headers, body, replica, public)
     }
 
     /// Records which replica holds an upload session, or forgets a finished one.
