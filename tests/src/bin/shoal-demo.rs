@@ -258,6 +258,7 @@ impl Demo {
             agent.url(),
             agent.pid().unwrap_or(0)
         ));
+        println!("    its log: {}", agent.log_path().display());
         let agent = self.agent.insert(agent);
         let cached_blobs = agent.metric("shoal_agent_store_blobs").await?;
 
@@ -280,9 +281,8 @@ impl Demo {
             let out = work.path().join(format!("pull-{n}"));
             let copied = Skopeo::pull(&src, &out, &CopyOptions::default()).await?;
             let after = counters(agent, registry).await?;
-            let layout = out.clone();
             let image: &TestImage = image;
-            tokio::task::block_in_place(|| verify_layout(&layout, image))
+            tokio::task::block_in_place(|| verify_layout(&out, image))
                 .with_context(|| format!("verifying pull {n}"))?;
             step.done("every digest verified");
             pulls.push(Pull {
