@@ -67,12 +67,22 @@ async fn coordinator(
     replicas: &[&Registry],
     extra_auth: &str,
 ) -> Result<TestCoordinator> {
+    coordinator_with(dir, replicas, extra_auth, "").await
+}
+
+async fn coordinator_with(
+    dir: &Path,
+    replicas: &[&Registry],
+    extra_auth: &str,
+    extra_server: &str,
+) -> Result<TestCoordinator> {
     let urls: Vec<String> = replicas.iter().map(|r| r.url()).collect();
     let mut opts = CoordinatorOptions::new(&urls);
     opts.htpasswd = Some(front_door_users(dir)?);
     opts.upstream_credentials = Some(("shoal".into(), "upstream-pw".into()));
     opts.access_toml = RULES.into();
     opts.auth_toml = extra_auth.into();
+    opts.server_toml = extra_server.into();
     TestCoordinator::start(opts).await
 }
 
@@ -121,6 +131,78 @@ async fn coordinator_push_and_pull_over_tls_with_every_htpasswd_format() -> Resu
         )
         .await?;
 
+        // Catalog, tags and delete. A repository outside every rule, pushed straight to a
+        // replica, stays out of the catalog users see.
+        let secret = TestImage::generate(&ImageSpec::new(vec![1000], 99), "v1")?;
+        let upstream = CopyOptions::default().creds("shoal:upstream-pw");
+        Skopeo::push_image(
+            &secret,
+            &format!("{}/other/secret:v1", a.host_port()),
+            &upstream,
+        )
+        .await?;
+        let http = c.client()?;
+        let get = |path: &str, user: &'static str, pw: &'static str| {
+            http.get(c.url(path)).basic_auth(user, Some(pw)).send()
+        };
+        let catalog: serde_json::Value = serde_json::from_slice(
+            &get("/v2/_catalog", "alice", "alice-pw")
+                .await?
+                .bytes()
+                .await?,
+        )?;
+        let repos = catalog["repositories"].as_array().context("catalog")?;
+        ensure!(
+            repos.len() == 3
+                && repos
+                    .iter()
+                    .all(|r| r.as_str().is_some_and(|r| r.starts_with("team/"))),
+            "catalog as alice: {catalog}"
+        );
+        let tags = get("/v2/team/alice/tags/list", "reader", "reader-pw").await?;
+        ensure!(tags.status() == 200);
+        let tags: serde_json::Value = serde_json::from_slice(&tags.bytes().await?)?;
+        ensure!(tags["tags"] == serde_json::json!(["v1"]), "{tags}");
+        let manifest = c.url("/v2/team/carol/manifests/v1");
+        let oci = "application/vnd.oci.image.manifest.v1+json";
+        let r = http
+            .get(&manifest)
+            .basic_auth("carol", Some("carol-pw"))
+            .header("accept", oci)
+            .send()
+            .await?;
+        ensure!(r.status() == 200, "manifest by tag: {}", r.status());
+        let digest = r
+            .headers()
+            .get("docker-content-digest")
+            .context("no Docker-Content-Digest")?
+            .to_str()?
+            .to_owned();
+        let by_digest = c.url(&format!("/v2/team/carol/manifests/{digest}"));
+        let r = http
+            .delete(&by_digest)
+            .basic_auth("reader", Some("reader-pw"))
+            .send()
+            .await?;
+        ensure!(
+            r.status() == 403,
+            "delete as a pull-only user: {}",
+            r.status()
+        );
+        let r = http
+            .delete(&by_digest)
+            .basic_auth("carol", Some("carol-pw"))
+            .send()
+            .await?;
+        ensure!(r.status() == 202, "delete as carol: {}", r.status());
+        let r = http
+            .get(&by_digest)
+            .basic_auth("carol", Some("carol-pw"))
+            .header("accept", oci)
+            .send()
+            .await?;
+        ensure!(r.status() == 404, "deleted manifest: {}", r.status());
+
         // Both replicas served (round robin), and every request carried the coordinator's
         // credentials: the replicas logged no 401 except for auth discovery on /v2/.
         for r in [&a, &b] {
@@ -155,10 +237,11 @@ async fn coordinator_answers_401_403_429_and_ping_like_a_registry() -> Result<()
         require_coordinator_tools()?;
         let dir = tempfile::tempdir()?;
         let (a, b) = protected_replicas(dir.path()).await?;
-        let c = coordinator(
+        let c = coordinator_with(
             dir.path(),
             &[&a, &b],
             "max_failures = 3\nfailure_window = \"60s\"",
+            "external_url = \"https://registry.example.test\"",
         )
         .await?;
         let http = c.client()?;
@@ -190,6 +273,20 @@ async fn coordinator_answers_401_403_429_and_ping_like_a_registry() -> Result<()
         ensure!(r.status() == 200, "{}", r.status());
         ensure!(r.version() == reqwest::Version::HTTP_2, "{:?}", r.version());
         ensure!(r.headers()["docker-distribution-api-version"] == api);
+
+        // Upload sessions point at the public URL, not at a replica.
+        let r = http
+            .post(c.url("/v2/team/app/blobs/uploads/"))
+            .basic_auth("alice", Some("alice-pw"))
+            .header("content-length", "0")
+            .send()
+            .await?;
+        ensure!(r.status() == 202, "{}", r.status());
+        let location = r.headers()["location"].to_str()?;
+        ensure!(
+            location.starts_with("https://registry.example.test/v2/team/app/blobs/uploads/"),
+            "{location}"
+        );
 
         // Pull-only user pushing: 403 DENIED, not 401.
         let r = http

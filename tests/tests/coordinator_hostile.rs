@@ -194,6 +194,27 @@ async fn coordinator_refuses_malformed_and_smuggling_requests_before_upstream() 
             .bytes()
             .await?;
         ensure!(got.len() == blob.len() && shoal_tests::image::sha256_digest(&got) == digest);
+
+        // Control: a monolithic upload (POST, then PUT with the whole body).
+        let mono = vec![7u8; 200_000];
+        let mono_digest = shoal_tests::image::sha256_digest(&mono);
+        let r = h1
+            .post(c.url("/v2/hostile/app/blobs/uploads/"))
+            .header("authorization", &auth)
+            .header("content-length", "0")
+            .send()
+            .await?;
+        ensure!(r.status() == 202, "start upload: {}", r.status());
+        let location = r.headers()["location"].to_str()?.to_owned();
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let r = h1
+            .put(format!("{location}{sep}digest={mono_digest}"))
+            .header("authorization", &auth)
+            .header("content-type", "application/octet-stream")
+            .body(mono)
+            .send()
+            .await?;
+        ensure!(r.status() == 201, "monolithic PUT: {}", r.status());
         proxy.reset();
 
         for (what, request, want) in cases(&auth) {
