@@ -111,6 +111,7 @@ pub fn build_client(
         .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(60))
         .pool_max_idle_per_host(64)
+        .http2_adaptive_window(true)
         .build(connector))
 }
 

@@ -29,7 +29,7 @@ use super::client::{Body, BoxError};
 use crate::metrics::Metrics;
 
 /// Bytes read from the spool per chunk sent to a client.
-const READ_CHUNK: usize = 256 << 10;
+const READ_CHUNK: usize = 1 << 20;
 /// Upstream bytes gathered before a write to the spool.
 const WRITE_CHUNK: usize = 128 << 10;
 

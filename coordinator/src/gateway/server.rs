@@ -64,6 +64,8 @@ fn http2(limits: &Limits) -> hyper::server::conn::http2::Builder<TokioExecutor> 
     b.timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .max_concurrent_streams(MAX_H2_STREAMS)
+        // Window sizes follow the bandwidth-delay product, or 64 KiB windows cap uploads.
+        .adaptive_window(true)
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
     b
