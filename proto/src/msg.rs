@@ -409,6 +409,9 @@ pub enum RejectReason {
     /// The asking node may not pull this content.
     Forbidden,
     ShuttingDown,
+    /// The peer is still spreading pieces nobody else has (it read them from the origin) and
+    /// has already sent this one out: ask the peers that got it, or ask this peer for another.
+    TryOthers,
 }
 
 /// Agent ↔ agent, on a `shoal-peer/1` connection.

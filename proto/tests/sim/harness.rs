@@ -50,6 +50,8 @@ pub struct Params {
     /// From this moment, the origin stops sending to whichever node holds the first origin slot
     /// (its connection hangs; the node itself stays alive).
     pub hang_first_seeder_at: Option<Duration>,
+    /// At this moment, whichever node holds the first origin slot dies.
+    pub kill_first_seeder_at: Option<Duration>,
     /// Virtual time after which the run is declared deadlocked.
     pub horizon: Duration,
     /// Most peer sessions a node opens itself (inbound ones are always accepted).
@@ -76,6 +78,7 @@ impl Params {
             notice: Duration::from_secs(1),
             corrupt: vec![],
             hang_first_seeder_at: None,
+            kill_first_seeder_at: None,
             horizon: Duration::from_secs(600),
             max_sessions: 24,
             upload_slots: (4, 2),
@@ -355,9 +358,16 @@ impl Sim {
 
     pub fn run(mut self) -> Report {
         let horizon = Time::ZERO + self.p.horizon;
+        let (mut same_t, mut same_n) = (Time::ZERO, 0u64);
         while let Some((t, ev)) = self.pop() {
             if t > horizon {
                 break;
+            }
+            if t == same_t {
+                same_n += 1;
+                assert!(same_n < 1_000_000, "livelock at {t:?}: {ev:?}");
+            } else {
+                (same_t, same_n) = (t, 0);
             }
             self.now = t;
             self.events += 1;
@@ -648,10 +658,13 @@ impl Sim {
             PeerEv::Request(piece) => {
                 let dur = micros(self.piece_len(piece), self.p.upload);
                 let n = &mut self.nodes[to];
+                // Spread while holding the origin slot, as the agent does.
+                let spread = n.swarm.origin_allowed().then(|| n.swarm.have().len());
+                n.uploads.spread(spread);
                 let answer = if !n.swarm.have().get(piece) {
                     Err(RejectReason::NotHave)
                 } else {
-                    n.uploads.try_admit(&from)
+                    n.uploads.try_admit(&from, piece, n.swarm.have())
                 };
                 match answer {
                     Err(reason) => self.later(Ev::Peer {
@@ -693,6 +706,13 @@ impl Sim {
             && now >= Time::ZERO + at
         {
             self.hung = self.seeders.first().copied();
+        }
+        if let Some(at) = self.p.kill_first_seeder_at
+            && now >= Time::ZERO + at
+            && let Some(&s) = self.seeders.first()
+            && self.nodes[s].alive
+        {
+            self.handle(Ev::Kill(s));
         }
         let whole_second = now.as_micros().is_multiple_of(1_000_000);
         if whole_second && self.p.trace {
