@@ -296,6 +296,46 @@ pub fn decode_one<M: Message>(bytes: &[u8]) -> Result<M, WireError> {
     }
 }
 
+/// The properties the fuzz target (`proto/fuzz`) checks on arbitrary bytes, for each channel's
+/// message type: decoding never panics, never buffers more than the largest bound, gives the
+/// same result whatever the chunking, and every decoded value re-encodes and decodes to itself.
+/// Panics when a property fails.
+#[doc(hidden)]
+pub fn check_decoder_invariants(data: &[u8]) {
+    check_one::<crate::msg::AgentMsg>(data);
+    check_one::<crate::msg::CoordMsg>(data);
+    check_one::<crate::msg::PeerMsg>(data);
+}
+
+fn check_one<M: Message + PartialEq + std::fmt::Debug>(data: &[u8]) {
+    let whole = decode_all::<M>(data, data.len().max(1));
+    // A chunk size derived from the data, so the fuzzer explores splits too.
+    let step = 1 + data.first().map_or(0, |&b| usize::from(b) % 7);
+    let split = decode_all::<M>(data, step);
+    assert_eq!(whole, split, "chunking changed the outcome");
+    for m in whole.0 {
+        let frame = encode(&m).expect("a decoded value re-encodes");
+        assert_eq!(decode_one::<M>(&frame).as_ref(), Ok(&m), "round trip");
+    }
+}
+
+fn decode_all<M: Message>(data: &[u8], step: usize) -> (Vec<M>, Option<WireError>) {
+    let mut dec = Decoder::<M>::new();
+    let mut out = Vec::new();
+    for chunk in data.chunks(step) {
+        let mut chunk = chunk;
+        loop {
+            match dec.decode(&mut chunk) {
+                Ok(Some(m)) => out.push(m),
+                Ok(None) => break,
+                Err(e) => return (out, Some(e)),
+            }
+            assert!(dec.buffered() <= MAX_PIECE_PAYLOAD as usize);
+        }
+    }
+    (out, None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -618,6 +658,7 @@ mod tests {
             if rng.chance(0.7) && !bytes.is_empty() {
                 bytes[0] = VERSION;
             }
+            check_decoder_invariants(&bytes);
             let whole_a = run_chunks::<AgentMsg>(&bytes, &mut rng, usize::MAX);
             let split_a = run_chunks::<AgentMsg>(&bytes, &mut rng, 3);
             assert_eq!(whole_a, split_a, "{bytes:?}");
