@@ -512,7 +512,8 @@ impl<P: PeerKey> Swarm<P> {
         let Some(p) = self.peers.remove(peer) else {
             return;
         };
-        if !p.quarantined {
+        // Availability counts only usable peers, and only once the geometry is known.
+        if !p.quarantined && self.geometry.is_some() {
             for i in p.have.ones() {
                 self.avail[i as usize] -= 1;
             }
@@ -553,7 +554,7 @@ impl<P: PeerKey> Swarm<P> {
             return;
         }
         p.have.set(piece);
-        if p.quarantined {
+        if p.quarantined || self.geometry.is_none() {
             return;
         }
         self.avail[piece as usize] += 1;
@@ -1745,5 +1746,117 @@ mod tests {
         assert_eq!(wake, t(1) + Duration::from_secs(1));
         s.handle_timeout(wake);
         assert_eq!(requests(&transmits(&mut s, wake)), vec![(1, 0)]);
+    }
+}
+
+#[cfg(test)]
+mod robustness {
+    use super::*;
+    use crate::piece::MIN_PIECE_LEN;
+
+    /// Random, partly hostile sequences of inputs (wrong lengths, unknown peers, out-of-range
+    /// pieces, stray answers, lies): the swarm never panics and its bookkeeping stays
+    /// consistent (debug builds would panic on any counter underflow).
+    #[test]
+    fn random_inputs_never_panic() {
+        for seed in 0..40u64 {
+            let mut rng = Rng::new(seed);
+            let count = 1 + rng.below(70) as u32;
+            let size = u64::from(count) * MIN_PIECE_LEN - rng.below(1000);
+            let digest = Digest::sha256_of(&seed.to_be_bytes());
+            let hashes: Vec<PieceHash> = (0..count)
+                .map(|i| piece_hash(&[i as u8, seed as u8]))
+                .collect();
+            let g = Geometry::for_size(size);
+            let mut s: Swarm<u8> = Swarm::new(
+                digest.clone(),
+                SwarmConfig {
+                    seed,
+                    ..SwarmConfig::default()
+                },
+                Time::ZERO,
+            );
+            let mut now = Time::ZERO;
+            for _ in 0..600 {
+                now = now + Duration::from_millis(rng.below(700));
+                let peer = rng.below(6) as u8;
+                let piece = rng.below(u64::from(count) + 3) as u32;
+                match rng.below(14) {
+                    0 => {
+                        s.set_size(if rng.chance(0.9) { size } else { size / 2 });
+                    }
+                    1 => {
+                        let entries = (0..count)
+                            .filter(|_| rng.chance(0.3))
+                            .map(|i| (i, hashes[i as usize]))
+                            .collect();
+                        s.handle_hashes(&PieceHashes {
+                            digest: digest.clone(),
+                            size,
+                            piece_len: g.piece_len(),
+                            entries,
+                        });
+                    }
+                    2 => {
+                        let mut b = Bitmap::new(if rng.chance(0.9) { count } else { count + 1 });
+                        for i in 0..count {
+                            if rng.chance(0.5) {
+                                b.set(i);
+                            }
+                        }
+                        s.handle_have(&peer, &b);
+                    }
+                    3 => s.handle_have_piece(&peer, piece),
+                    4 => s.remove_peer(&peer),
+                    5 => {
+                        let reason = [
+                            RejectReason::Busy,
+                            RejectReason::NotHave,
+                            RejectReason::TryOthers,
+                            RejectReason::UnknownBlob,
+                        ][rng.below(4) as usize];
+                        s.handle_reject(&peer, piece, reason, now);
+                    }
+                    6 | 7 => {
+                        let good = rng.chance(0.7);
+                        let hash = match hashes.get(piece as usize) {
+                            Some(h) if good => *h,
+                            _ => piece_hash(b"junk"),
+                        };
+                        let len = g.range(piece).map_or(7, |r| r.end - r.start);
+                        let source = if rng.chance(0.2) {
+                            Source::Origin
+                        } else {
+                            Source::Peer(peer)
+                        };
+                        s.handle_piece_hashed(source, piece, len, hash, now);
+                    }
+                    8 => s.set_origin(rng.chance(0.5), now),
+                    9 => s.handle_origin_error(piece..piece + 3, now),
+                    10 => s.handle_data_progress(&Source::Peer(peer), piece, now),
+                    11 => {
+                        if let Ok(m) =
+                            PieceManifest::new(digest.clone(), size, g.piece_len(), hashes.clone())
+                        {
+                            s.handle_manifest(&m);
+                        }
+                    }
+                    _ => s.handle_timeout(now),
+                }
+                while s.poll_transmit(now).is_some() {}
+                while s.poll_event().is_some() {}
+                // Bookkeeping: requests in flight match the outstanding list.
+                let outstanding: u32 = s.outstanding.iter().map(|o| o.pieces.len() as u32).sum();
+                let inflight: u32 = s.inflight.iter().map(|&c| u32::from(c)).sum();
+                assert_eq!(outstanding, inflight, "seed {seed}");
+                let per_peer: u32 = s.peers.values().map(|p| p.inflight).sum();
+                let peer_out = s
+                    .outstanding
+                    .iter()
+                    .filter(|o| o.source != Source::Origin)
+                    .count() as u32;
+                assert_eq!(per_peer, peer_out, "seed {seed}");
+            }
+        }
     }
 }

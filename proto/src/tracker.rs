@@ -1373,3 +1373,116 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod robustness {
+    use super::*;
+    use crate::piece::MIN_PIECE_LEN;
+
+    /// Random sequences of control messages, from known and unknown nodes, about a few blobs:
+    /// the tracker never panics, never grants more slots than configured, and only ever
+    /// addresses nodes it knows.
+    #[test]
+    fn random_messages_never_panic() {
+        for seed in 0..30u64 {
+            let mut rng = Rng::new(seed);
+            let mut tr = Tracker::new(TrackerConfig {
+                seed,
+                origin_slots_per_blob: 1 + rng.below(2) as usize,
+                max_peers: 1 + rng.below(8) as usize,
+                ..TrackerConfig::default()
+            });
+            let digests: Vec<Digest> = (0..3u8).map(|i| Digest::sha256_of(&[i])).collect();
+            let names: Vec<NodeId> = (0..8)
+                .map(|i| NodeId::new(&format!("n{i}")).unwrap())
+                .collect();
+            let mut now = Time::ZERO;
+            for _ in 0..800 {
+                now = now + Duration::from_millis(rng.below(3000));
+                let node = &names[rng.below(8) as usize];
+                let d = digests[rng.below(3) as usize].clone();
+                let count = 5u32;
+                let mut have = Bitmap::new(count);
+                for i in 0..count {
+                    if rng.chance(0.4) {
+                        have.set(i);
+                    }
+                }
+                let msg = match rng.below(12) {
+                    0 => AgentMsg::Hello(Hello {
+                        node: node.clone(),
+                        zone: Zone::new(["", "a", "a/b", "c"][rng.below(4) as usize]).unwrap(),
+                        version: if rng.chance(0.95) {
+                            PROTOCOL_VERSION
+                        } else {
+                            7
+                        },
+                        peer_addr: "127.0.0.1:1".parse().unwrap(),
+                    }),
+                    1 => AgentMsg::Heartbeat {
+                        load: rng.below(10) as u32,
+                    },
+                    2 => AgentMsg::Announce(Announce {
+                        complete: if rng.chance(0.2) {
+                            vec![d.clone()]
+                        } else {
+                            vec![]
+                        },
+                        partial: vec![crate::msg::Partial {
+                            digest: d.clone(),
+                            have: have.clone(),
+                        }],
+                    }),
+                    3 => AgentMsg::Withdraw {
+                        digests: vec![d.clone()],
+                    },
+                    4 => AgentMsg::Progress {
+                        digest: d.clone(),
+                        have,
+                    },
+                    5 | 6 => AgentMsg::Locate {
+                        req: 0,
+                        digest: d.clone(),
+                        want_origin: rng.chance(0.8),
+                    },
+                    7 => AgentMsg::PublishHashes(PieceHashes {
+                        digest: d.clone(),
+                        size: u64::from(count) * MIN_PIECE_LEN,
+                        piece_len: MIN_PIECE_LEN,
+                        entries: vec![(
+                            rng.below(u64::from(count)) as u32,
+                            [rng.below(2) as u8; 32],
+                        )],
+                    }),
+                    8 => AgentMsg::PublishManifest(
+                        PieceManifest::new(
+                            d.clone(),
+                            u64::from(count) * MIN_PIECE_LEN,
+                            MIN_PIECE_LEN,
+                            vec![[rng.below(2) as u8; 32]; count as usize],
+                        )
+                        .unwrap(),
+                    ),
+                    9 => AgentMsg::ReleaseOrigin { digest: d.clone() },
+                    10 => AgentMsg::ReportBadPeer {
+                        peer: names[rng.below(8) as usize].clone(),
+                        digest: d.clone(),
+                        piece: 0,
+                    },
+                    _ => AgentMsg::Bye,
+                };
+                let _ = tr.handle(node, msg, now);
+                if rng.chance(0.1) {
+                    tr.poll_expire(now);
+                }
+                while let Some((to, _)) = tr.poll_transmit() {
+                    assert!(names.contains(&to));
+                }
+                for d in &digests {
+                    assert!(tr.seeders(d).len() <= tr.config().origin_slots_per_blob);
+                }
+                let _ = tr.poll_timeout();
+            }
+        }
+    }
+}
