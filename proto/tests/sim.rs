@@ -41,6 +41,25 @@ fn assert_complete(p: &Params, r: &Report) {
     }
     assert!(r.slowest() < p.horizon);
     assert!(r.all_genuine, "a node stored a piece that was not genuine");
+    assert!(
+        r.completed_whole,
+        "a node completed without every genuine piece"
+    );
+}
+
+#[test]
+fn the_simulation_is_deterministic() {
+    let mut p = Params::new(30, 16 * MIB);
+    p.seed = 9;
+    p.kills = vec![(3, Duration::from_secs(1))];
+    let a = Sim::new(p.clone()).run();
+    let b = Sim::new(p.clone()).run();
+    assert_eq!(a.completed, b.completed);
+    assert_eq!(a.events, b.events);
+    assert_eq!(a.origin_pieces, b.origin_pieces);
+    p.seed = 10;
+    let c = Sim::new(p).run();
+    assert_ne!(a.completed, c.completed, "the seed matters");
 }
 
 #[test]

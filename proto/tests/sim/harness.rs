@@ -107,6 +107,8 @@ pub struct Report {
     pub origin_pieces: u64,
     /// Each node's stored pieces were all genuine (nothing corrupt was ever accepted).
     pub all_genuine: bool,
+    /// Every node that completed stores every piece, each genuine.
+    pub completed_whole: bool,
     pub rejected: u64,
     pub quarantined_at_tracker: Vec<usize>,
     /// Nodes that held an origin slot, in the order they got it.
@@ -381,6 +383,11 @@ impl Sim {
             .nodes
             .iter()
             .all(|n| n.store.iter().all(|s| *s != Some(false)));
+        let completed_whole = self
+            .nodes
+            .iter()
+            .filter(|n| n.done.is_some())
+            .all(|n| n.store.iter().all(|s| *s == Some(true)));
         let quarantined_at_tracker = (0..self.nodes.len())
             .filter(|&i| self.tracker.is_quarantined(&self.nodes[i].id, self.now))
             .collect();
@@ -389,6 +396,7 @@ impl Sim {
             completed: self.nodes.iter().map(|n| n.done).collect(),
             origin_pieces: self.origin_pieces,
             all_genuine,
+            completed_whole,
             rejected: self.rejected,
             quarantined_at_tracker,
             seeders: self.seeders,
