@@ -96,7 +96,8 @@ pub async fn run_with_reload(
     )?);
     let tls_config = tls::server_config(Arc::clone(&resolver))?;
 
-    let authenticator = match &config.auth {
+    // The authenticator and the file it reloads from.
+    let auth = match &config.auth {
         None => {
             warn!("auth.insecure_no_auth: anyone who reaches the coordinator may pull and push");
             None
@@ -108,7 +109,7 @@ pub async fn run_with_reload(
                 a.tuning.clone(),
             )?);
             info!(htpasswd = %a.htpasswd.display(), users = auth.user_count(), "htpasswd loaded");
-            Some(auth)
+            Some((auth, a.htpasswd.clone()))
         }
     };
 
@@ -146,7 +147,7 @@ pub async fn run_with_reload(
 
     let gateway = Arc::new(gateway::Gateway::new(
         &config,
-        authenticator.clone(),
+        auth.as_ref().map(|(a, _)| Arc::clone(a)),
         pools.clone(),
         metrics.clone(),
         access_log.clone(),
@@ -172,14 +173,7 @@ pub async fn run_with_reload(
         Arc::clone(&resolver),
         config.server.tls_cert.clone(),
         config.server.tls_key.clone(),
-        authenticator.map(|a| {
-            let path = config
-                .auth
-                .as_ref()
-                .map(|s| s.htpasswd.clone())
-                .unwrap_or_default();
-            (a, path)
-        }),
+        auth,
         access_log.clone(),
         metrics.clone(),
     );

@@ -346,10 +346,6 @@ impl Gateway {
         }
     }
 
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
     /// Answers one request.
     pub async fn handle(
         self: &Arc<Self>,
