@@ -156,3 +156,16 @@ fn trace() {
     let r = Sim::new(p.clone()).run();
     figures("trace", &p, &r);
 }
+
+/// Larger and smaller clusters, for the figures (not run by default):
+/// `cargo test -p shoal-proto --test sim -- --ignored --nocapture scale`.
+#[test]
+#[ignore]
+fn scale() {
+    for (nodes, size) in [(20, 64 * MIB), (1000, 64 * MIB)] {
+        let p = Params::new(nodes, size);
+        let r = Sim::new(p.clone()).run();
+        figures(&format!("{nodes} nodes"), &p, &r);
+        assert_complete(&p, &r);
+    }
+}
