@@ -18,6 +18,39 @@
 //! provisional hash when none is known yet (the whole-blob digest check at commit stays the
 //! final word). A peer that sends `bad_pieces_to_quarantine` bad pieces is dropped and
 //! reported. A request unanswered for `stall_timeout` is abandoned and asked elsewhere.
+//!
+//! Driving it (what the agent's peer module does, minus the sockets):
+//!
+//! ```
+//! use shoal_proto::manifest::PieceHasher;
+//! use shoal_proto::piece::Bitmap;
+//! use shoal_proto::swarm::{Event, PieceOutcome, Source, Swarm, SwarmConfig, Transmit};
+//! use shoal_proto::time::Time;
+//! use shoal_proto::{Algorithm, Digest};
+//!
+//! let blob = vec![7u8; 300_000]; // two pieces of 256 KiB
+//! let mut h = PieceHasher::new(blob.len() as u64, Algorithm::Sha256).unwrap();
+//! h.update(&blob).unwrap();
+//! let manifest = h.finish(&Digest::sha256_of(&blob)).unwrap();
+//!
+//! let now = Time::ZERO;
+//! let mut swarm: Swarm<&str> = Swarm::new(manifest.digest().clone(), SwarmConfig::default(), now);
+//! swarm.handle_manifest(&manifest); // from the coordinator's locate reply
+//! swarm.handle_have(&"node-b", &Bitmap::full(2)); // node-b's `Have`
+//! while let Some(t) = swarm.poll_transmit(now) {
+//!     if let Transmit::Request { peer, piece } = t {
+//!         // ... send PeerMsg::Request; when PeerMsg::Piece comes back:
+//!         let range = manifest.geometry().range(piece).unwrap();
+//!         let bytes = &blob[range.start as usize..range.end as usize];
+//!         let outcome = swarm.handle_piece(Source::Peer(peer), piece, bytes, now);
+//!         assert_eq!(outcome, PieceOutcome::Verified); // write it, serve it, stream it
+//!     }
+//! }
+//! let events: Vec<_> = std::iter::from_fn(|| swarm.poll_event()).collect();
+//! assert_eq!(events.last(), Some(&Event::Complete));
+//! // ... and after each input: schedule a timer for swarm.poll_timeout(), call
+//! // swarm.handle_timeout(now) when it fires.
+//! ```
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
