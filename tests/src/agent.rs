@@ -273,24 +273,35 @@ impl AgentProcess {
             .spawn()
             .with_context(|| format!("starting {}", self.bin.display()))?;
         self.child = Some(child);
+        // Poll readiness, but stop at once if the process exits (port taken, bad config).
         let url = format!("{}/v2/", self.url());
-        let r = wait_until(
-            Duration::from_secs(20),
-            "agent process answers /v2/",
-            || {
-                let url = url.clone();
-                async move {
-                    http_get(&url, Duration::from_secs(2))
-                        .await
-                        .is_ok_and(|r| r.status == 200)
-                }
-            },
-        )
-        .await;
-        if let Err(e) = r {
-            bail!("{e}; agent log:\n{}", self.log_text());
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                bail!(
+                    "agent exited with {status} before answering /v2/; agent log:\n{}",
+                    self.log_text()
+                );
+            }
+            if http_get(&url, Duration::from_secs(2))
+                .await
+                .is_ok_and(|r| r.status == 200)
+            {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                bail!(
+                    "agent process did not answer /v2/ within 20 s; agent log:\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(crate::net::POLL_INTERVAL).await;
         }
-        Ok(())
     }
 
     pub fn url(&self) -> String {
