@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod digest;
+pub mod enroll;
 pub mod manifest;
 pub mod msg;
 pub mod piece;

@@ -34,6 +34,15 @@ pub const MAX_ANNOUNCE_PARTIALS: usize = 256;
 pub const MAX_NODE_ID: usize = 253;
 /// Longest zone label.
 pub const MAX_ZONE: usize = 128;
+/// Largest DER certificate signing request in [`AgentMsg::Renew`].
+pub const MAX_CSR_DER: usize = 8 * 1024;
+/// Largest DER certificate in [`CoordMsg::Renewed`].
+pub const MAX_CERT_DER: usize = 16 * 1024;
+/// Most node names in one [`CoordMsg::RefusedNodes`] (2048 names of at most 253 bytes stay
+/// well under the control frame bound).
+pub const MAX_REFUSED_NODES: usize = 2048;
+/// Longest reason in [`CoordMsg::Refused`] and [`CoordMsg::RenewRefused`].
+pub const MAX_REASON: usize = 1024;
 
 /// Why a message is refused after it was decoded (or before it is encoded).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -171,6 +180,10 @@ pub struct BoundedBytes<const MAX: usize>(pub(crate) Vec<u8>);
 
 /// The payload of a piece: at most [`MAX_PIECE_LEN`] bytes.
 pub type PieceData = BoundedBytes<{ MAX_PIECE_LEN as usize }>;
+/// A DER-encoded PKCS#10 certificate signing request.
+pub type CsrDer = BoundedBytes<MAX_CSR_DER>;
+/// A DER-encoded X.509 certificate.
+pub type CertDer = BoundedBytes<MAX_CERT_DER>;
 
 impl<const MAX: usize> BoundedBytes<MAX> {
     /// `None` when `bytes` is longer than `MAX`.
@@ -368,6 +381,12 @@ pub enum AgentMsg {
         piece: u32,
     },
     Bye,
+    /// A new certificate for the same node, for a fresh key whose CSR this is. Any coordinator
+    /// of the cluster answers it (they share the CA); the names and addresses come from the
+    /// certificate the session was authenticated with, never from the CSR.
+    Renew {
+        csr: CsrDer,
+    },
 }
 
 /// Coordinator → agent.
@@ -395,6 +414,22 @@ pub enum CoordMsg {
         reason: String,
     },
     Bye,
+    /// Answer to [`AgentMsg::Renew`]: the new leaf certificate and the cluster CA that signed it.
+    Renewed {
+        leaf: CertDer,
+        ca: CertDer,
+    },
+    /// Answer to [`AgentMsg::Renew`] when no certificate is issued (bad CSR, node revoked,
+    /// asked too often). The session stays open; the agent retries later.
+    RenewRefused {
+        reason: String,
+    },
+    /// Nodes whose connections and pieces agents must refuse: revoked certificates and nodes the
+    /// tracker quarantined. The whole list each time (not a change), sent after `Welcome` and
+    /// whenever it changes.
+    RefusedNodes {
+        nodes: Vec<NodeId>,
+    },
 }
 
 /// Why a peer does not serve a request.
@@ -504,7 +539,8 @@ impl Message for AgentMsg {
             | AgentMsg::Locate { .. }
             | AgentMsg::PublishManifest(_)
             | AgentMsg::ReleaseOrigin { .. }
-            | AgentMsg::Bye => Ok(()),
+            | AgentMsg::Bye
+            | AgentMsg::Renew { .. } => Ok(()),
         }
     }
 }
@@ -532,8 +568,16 @@ impl Message for CoordMsg {
                 Ok(())
             }
             CoordMsg::Hashes(h) => h.validate(),
-            CoordMsg::Refused { reason } => at_most("refusal reason bytes", reason.len(), 1024),
-            CoordMsg::Welcome { .. } | CoordMsg::OriginSlot { .. } | CoordMsg::Bye => Ok(()),
+            CoordMsg::Refused { reason } | CoordMsg::RenewRefused { reason } => {
+                at_most("refusal reason bytes", reason.len(), MAX_REASON)
+            }
+            CoordMsg::RefusedNodes { nodes } => {
+                at_most("refused nodes", nodes.len(), MAX_REFUSED_NODES)
+            }
+            CoordMsg::Welcome { .. }
+            | CoordMsg::OriginSlot { .. }
+            | CoordMsg::Bye
+            | CoordMsg::Renewed { .. } => Ok(()),
         }
     }
 }
@@ -677,6 +721,18 @@ mod tests {
             CoordMsg::LocateReply(reply).validate(),
             Err(MsgError::DigestMismatch("manifest"))
         );
+        let refused = |n: usize| CoordMsg::RefusedNodes {
+            nodes: vec![NodeId::new("n").unwrap(); n],
+        };
+        assert_eq!(refused(MAX_REFUSED_NODES).validate(), Ok(()));
+        assert!(refused(MAX_REFUSED_NODES + 1).validate().is_err());
+        // The largest refusal list still fits a control frame.
+        let longest = NodeId::new(&"n".repeat(MAX_NODE_ID)).unwrap();
+        let big = CoordMsg::RefusedNodes {
+            nodes: vec![longest; MAX_REFUSED_NODES],
+        };
+        assert!(crate::wire::encode(&big).is_ok());
+        assert!(CsrDer::new(vec![0; MAX_CSR_DER + 1]).is_none());
         let req = PeerMsg::Request {
             digest: digest(),
             piece: MAX_PIECES,

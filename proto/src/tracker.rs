@@ -235,6 +235,9 @@ impl Tracker {
                 self.handle_disconnect(node, now);
                 Ok(None)
             }
+            // Renewal is the coordinator's business (its CA answers); for the tracker it is
+            // only a sign of life.
+            AgentMsg::Renew { .. } => self.touch(node, now).map(|_| None),
         }
     }
 
@@ -687,6 +690,16 @@ impl Tracker {
 
     pub fn is_quarantined(&self, node: &NodeId, now: Time) -> bool {
         self.nodes.get(node).is_some_and(|n| n.quarantined(now))
+    }
+
+    /// Every node quarantined at `now`, in name order (what the coordinator tells agents to
+    /// refuse).
+    pub fn quarantined_nodes(&self, now: Time) -> Vec<NodeId> {
+        self.nodes
+            .iter()
+            .filter(|(_, n)| n.quarantined(now))
+            .map(|(id, _)| id.clone())
+            .collect()
     }
 
     /// The session with `node` ended (closed, reset, timed out): forget it and everything it
@@ -1289,6 +1302,7 @@ mod tests {
         assert!(!tr.is_quarantined(&id("bad"), t(1)));
         report(&mut tr, "b");
         assert!(tr.is_quarantined(&id("bad"), t(1)));
+        assert_eq!(tr.quarantined_nodes(t(1)), vec![id("bad")]);
         // It lost its slot to c, and nobody is told about it any more.
         assert_eq!(tr.seeders(&digest()), vec![id("c")]);
         let r = tr

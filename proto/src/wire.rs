@@ -395,6 +395,9 @@ mod tests {
                 piece: 2,
             },
             AgentMsg::Bye,
+            AgentMsg::Renew {
+                csr: crate::msg::CsrDer::new(vec![0x30, 0x82, 1, 2]).unwrap(),
+            },
         ]
     }
 
@@ -477,6 +480,20 @@ mod tests {
             decode_one::<CoordMsg>(&encode(&reply).unwrap()).unwrap(),
             reply
         );
+        for m in [
+            CoordMsg::Renewed {
+                leaf: crate::msg::CertDer::new(vec![1; 600]).unwrap(),
+                ca: crate::msg::CertDer::new(vec![2; 500]).unwrap(),
+            },
+            CoordMsg::RenewRefused {
+                reason: "node revoked".into(),
+            },
+            CoordMsg::RefusedNodes {
+                nodes: vec![NodeId::new("x").unwrap(), NodeId::new("y").unwrap()],
+            },
+        ] {
+            assert_eq!(decode_one::<CoordMsg>(&encode(&m).unwrap()).unwrap(), m);
+        }
     }
 
     #[test]

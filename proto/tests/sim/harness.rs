@@ -627,7 +627,12 @@ impl Sim {
             CoordMsg::Hashes(h) => {
                 self.nodes[i].swarm.handle_hashes(&h);
             }
-            CoordMsg::Welcome { .. } | CoordMsg::Refused { .. } | CoordMsg::Bye => {}
+            CoordMsg::Welcome { .. }
+            | CoordMsg::Refused { .. }
+            | CoordMsg::Bye
+            | CoordMsg::Renewed { .. }
+            | CoordMsg::RenewRefused { .. }
+            | CoordMsg::RefusedNodes { .. } => {}
         }
         self.drive(i);
     }
