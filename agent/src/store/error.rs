@@ -48,6 +48,9 @@ pub enum StoreError {
     /// Drop it and start a new ingest, which resumes from the last checkpoint.
     #[error("ingest of {0} failed earlier and cannot continue")]
     IngestFailed(Digest),
+    /// A piece ingest was given a geometry or piece that does not fit the blob.
+    #[error("piece ingest of {digest}: {reason}")]
+    Geometry { digest: Digest, reason: String },
     /// The store configuration is out of range.
     #[error("invalid store config: {0}")]
     Config(String),

@@ -75,10 +75,24 @@ pub(super) fn ingest_name(d: &Digest) -> String {
 }
 
 /// Parses an ingest file name back into its digest; `None` for anything else (temp files of
-/// `put`, strays).
+/// `put`, piece files, strays).
 pub(super) fn parse_ingest_name(name: &OsStr) -> Option<Digest> {
     let (alg, hex) = name.to_str()?.split_once('-')?;
     Digest::parse(&format!("{alg}:{hex}")).ok()
+}
+
+/// Suffix of a piece ingest file: `<alg>-<hex>.pieces`.
+const PIECES_SUFFIX: &str = ".pieces";
+
+/// The name of the piece ingest file for `d`.
+pub(super) fn piece_ingest_name(d: &Digest) -> String {
+    format!("{}{PIECES_SUFFIX}", ingest_name(d))
+}
+
+/// Parses a piece ingest file name back into its digest.
+pub(super) fn parse_piece_ingest_name(name: &OsStr) -> Option<Digest> {
+    let stem = name.to_str()?.strip_suffix(PIECES_SUFFIX)?;
+    parse_ingest_name(OsStr::new(stem))
 }
 
 /// Parses a file name in `blobs/<alg>/` into its digest; `None` when it is not the canonical
@@ -113,6 +127,10 @@ mod tests {
             None
         );
         assert_eq!(parse_ingest_name(OsStr::new("put-1-2.tmp")), None);
+        let p = piece_ingest_name(&d);
+        assert_eq!(parse_piece_ingest_name(OsStr::new(&p)), Some(d.clone()));
+        assert_eq!(parse_ingest_name(OsStr::new(&p)), None);
+        assert_eq!(parse_piece_ingest_name(OsStr::new(&ingest_name(&d))), None);
         assert_eq!(parse_blob_name(Algorithm::Sha256, OsStr::new("..")), None);
         assert_eq!(
             parse_blob_name(Algorithm::Sha256, OsStr::new(&d.hex().to_uppercase())),

@@ -18,6 +18,9 @@ use super::fsutil;
 const BLOBS: TableDefinition<&str, (u64, u64, Option<&str>)> = TableDefinition::new("blobs");
 /// Digest string -> (durable offset, unix ms of the checkpoint).
 const INGEST: TableDefinition<&str, (u64, u64)> = TableDefinition::new("ingest");
+/// Digest string -> (blob size, piece length, bitmap of the pieces fsync'ed, unix ms of the
+/// checkpoint): the resume point of a piece ingest.
+const PIECES: TableDefinition<&str, (u64, u64, &[u8], u64)> = TableDefinition::new("pieces");
 /// (upstream, repository, tag).
 type TagKey<'a> = (&'a str, &'a str, &'a str);
 /// (digest string, media type, size, fetched unix ms).
@@ -38,6 +41,15 @@ pub(super) struct BlobRecord {
     pub size: u64,
     pub last_access: u64,
     pub media_type: Option<String>,
+}
+
+/// The resume point of a piece ingest: its geometry and the pieces known to be on disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct PieceRecord {
+    pub size: u64,
+    pub piece_len: u64,
+    /// `Bitmap::to_bytes` of the recorded pieces.
+    pub bitmap: Vec<u8>,
 }
 
 /// A tag cache entry as stored (the digest is parsed by the caller).
@@ -132,6 +144,8 @@ impl Index {
             }
             tx.open_table(BLOBS)?;
             tx.open_table(INGEST)?;
+            // Added after schema 1 without a version bump: opening creates it when absent.
+            tx.open_table(PIECES)?;
             tx.open_table(TAGS)?;
         }
         tx.commit()?;
@@ -189,8 +203,8 @@ impl Index {
         })
     }
 
-    /// Inserts or updates blob records, and drops the ingest records of the same digests
-    /// when `clear_ingest` (a committed blob needs no resume point).
+    /// Inserts or updates blob records, and drops the ingest records (append and piece) of the
+    /// same digests when `clear_ingest` (a committed blob needs no resume point).
     pub fn put_blobs(
         &self,
         records: &[(Digest, BlobRecord)],
@@ -200,6 +214,7 @@ impl Index {
         self.write("write blob records", durability, |tx| {
             let mut t = tx.open_table(BLOBS)?;
             let mut ingest = tx.open_table(INGEST)?;
+            let mut pieces = tx.open_table(PIECES)?;
             for (d, r) in records {
                 let key = d.to_string();
                 t.insert(
@@ -208,6 +223,7 @@ impl Index {
                 )?;
                 if clear_ingest {
                     ingest.remove(key.as_str())?;
+                    pieces.remove(key.as_str())?;
                 }
             }
             Ok(())
@@ -270,6 +286,63 @@ impl Index {
         }
         self.write("remove ingest records", Durability::Immediate, |tx| {
             let mut t = tx.open_table(INGEST)?;
+            for k in keys {
+                t.remove(k.as_str())?;
+            }
+            Ok(())
+        })
+    }
+
+    /// The resume point of a piece ingest.
+    pub fn piece_record(&self, d: &Digest) -> Result<Option<PieceRecord>, StoreError> {
+        let read = || -> Result<Option<PieceRecord>, redb::Error> {
+            let rx = self.db.begin_read()?;
+            let t = rx.open_table(PIECES)?;
+            Ok(t.get(d.to_string().as_str())?.map(|v| {
+                let (size, piece_len, bitmap, _) = v.value();
+                PieceRecord {
+                    size,
+                    piece_len,
+                    bitmap: bitmap.to_vec(),
+                }
+            }))
+        };
+        read().map_err(StoreError::index("read piece record"))
+    }
+
+    /// Keys (digest strings) of every piece ingest record.
+    pub fn piece_keys(&self) -> Result<Vec<String>, StoreError> {
+        let read = || -> Result<Vec<String>, redb::Error> {
+            let rx = self.db.begin_read()?;
+            let t = rx.open_table(PIECES)?;
+            let mut out = Vec::new();
+            for item in t.iter()? {
+                out.push(item?.0.value().to_owned());
+            }
+            Ok(out)
+        };
+        read().map_err(StoreError::index("read piece records"))
+    }
+
+    /// Records which pieces of `d` are fsync'ed. Immediate durability, written only after the
+    /// fsync, for the same reason as [`Index::set_ingest`].
+    pub fn set_piece_record(&self, d: &Digest, r: &PieceRecord) -> Result<(), StoreError> {
+        self.write("record piece checkpoint", Durability::Immediate, |tx| {
+            let mut t = tx.open_table(PIECES)?;
+            t.insert(
+                d.to_string().as_str(),
+                (r.size, r.piece_len, r.bitmap.as_slice(), fsutil::now_ms()),
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn remove_piece_keys(&self, keys: &[String]) -> Result<(), StoreError> {
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.write("remove piece records", Durability::Immediate, |tx| {
+            let mut t = tx.open_table(PIECES)?;
             for k in keys {
                 t.remove(k.as_str())?;
             }

@@ -67,6 +67,8 @@ impl Ingest {
             }
             st.stash.remove(d)
         };
+        // One partial copy per digest: a piece download of it is given up.
+        inner.remove_piece_ingest(d);
         // From here on, dropping `ingest` releases the claim, including on the error paths.
         let mut ingest = Ingest {
             path: inner.ingest_path(d),

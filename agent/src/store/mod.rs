@@ -4,6 +4,8 @@
 //! - `blobs/<alg>/<hex>`: committed blobs. Invariant: a file here always hashes to its name,
 //!   because bytes only arrive by a verified, fsync'ed rename from `ingest/`.
 //! - `ingest/<alg>-<hex>`: a download in progress, resumable from its last checkpoint.
+//!   `ingest/<alg>-<hex>.pieces`: a download written piece by piece (from peers), see
+//!   [`PieceIngest`].
 //!   `ingest/put-*`: temporary files of [`Store::put`].
 //! - `index.redb`: sizes, media types, access times, ingest checkpoints and the mirror's tag
 //!   cache. It is reconciled against `blobs/` at every open and rebuilt from it when missing or
@@ -17,8 +19,11 @@ mod error;
 mod fsutil;
 mod index;
 mod ingest;
+mod pieces;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_pieces;
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -34,6 +39,7 @@ use tracing::{debug, info, warn};
 
 pub use error::StoreError;
 pub use ingest::{CHECKPOINT_INTERVAL, Ingest};
+pub use pieces::PieceIngest;
 
 use index::{BlobRecord, Index, Opened, TagRow};
 
@@ -327,6 +333,29 @@ impl Store {
         Ingest::start(self.inner.clone(), d)
     }
 
+    /// Starts or resumes writing `d` piece by piece (see [`PieceIngest`]). Exclusive with
+    /// [`Store::ingest`] for the same digest.
+    pub fn piece_ingest(&self, d: &Digest) -> Result<PieceIngest, StoreError> {
+        PieceIngest::start(self.inner.clone(), d)
+    }
+
+    /// Up to `limit` committed digests, most recently used first (what to announce).
+    pub fn digests(&self, limit: usize) -> Vec<Digest> {
+        let st = self.inner.lock();
+        let mut all: Vec<(u64, &Digest)> =
+            st.blobs.iter().map(|(d, e)| (e.last_access, d)).collect();
+        all.sort_unstable_by_key(|e| std::cmp::Reverse(e.0));
+        all.into_iter()
+            .take(limit)
+            .map(|(_, d)| d.clone())
+            .collect()
+    }
+
+    /// The size of a committed blob.
+    pub fn blob_size(&self, d: &Digest) -> Option<u64> {
+        self.inner.lock().blobs.get(d).map(|e| e.size)
+    }
+
     /// Stores a small blob (a manifest, a config) in one call: verify, write, fsync, rename.
     pub fn put(
         &self,
@@ -505,6 +534,43 @@ impl Inner {
 
     fn ingest_path(&self, d: &Digest) -> PathBuf {
         self.ingest_dir().join(fsutil::ingest_name(d))
+    }
+
+    fn piece_ingest_path(&self, d: &Digest) -> PathBuf {
+        self.ingest_dir().join(fsutil::piece_ingest_name(d))
+    }
+
+    /// Removes the append-mode ingest file of `d` and its record, when a piece ingest of the
+    /// same digest starts (the caller holds the digest's claim): one partial copy per digest.
+    fn remove_append_ingest(&self, d: &Digest) {
+        let path = self.ingest_path(d);
+        if !path.exists() {
+            return;
+        }
+        debug!(digest = %d, "dropping an append-mode partial download for a piece download");
+        if let Err(error) = fsutil::remove_if_exists(&path) {
+            warn!(digest = %d, path = %path.display(), %error, "cannot remove ingest file");
+        }
+        self.lock().stash.remove(d);
+        if let Err(error) = self.index.remove_ingest_keys(&[d.to_string()]) {
+            warn!(digest = %d, %error, "cannot remove ingest record");
+        }
+    }
+
+    /// Removes the piece ingest file of `d` and its record, when an append-mode ingest of the
+    /// same digest starts (the caller holds the digest's claim).
+    fn remove_piece_ingest(&self, d: &Digest) {
+        let path = self.piece_ingest_path(d);
+        if !path.exists() {
+            return;
+        }
+        debug!(digest = %d, "dropping a piece-mode partial download for an append download");
+        if let Err(error) = fsutil::remove_if_exists(&path) {
+            warn!(digest = %d, path = %path.display(), %error, "cannot remove piece ingest file");
+        }
+        if let Err(error) = self.index.remove_piece_keys(&[d.to_string()]) {
+            warn!(digest = %d, %error, "cannot remove piece ingest record");
+        }
     }
 
     /// Brings the in-memory state and the index in line with the files in `blobs/`.
@@ -880,6 +946,9 @@ impl Inner {
 
     fn sweep_ingest(&self) -> Result<usize, StoreError> {
         let records = self.index.ingest_records()?;
+        let piece_records: HashSet<String> = self.index.piece_keys()?.into_iter().collect();
+        let mut dead_pieces = Vec::new();
+        let mut seen_pieces = HashSet::new();
         let dir = self.ingest_dir();
         let max_age = self.cfg.ingest_max_age;
         let now = std::time::SystemTime::now();
@@ -905,6 +974,33 @@ impl Inner {
                 .ok()
                 .and_then(|m| now.duration_since(m).ok())
                 .unwrap_or_default();
+            if let Some(d) = fsutil::parse_piece_ingest_name(&entry.file_name()) {
+                let key = d.to_string();
+                seen_pieces.insert(key.clone());
+                let st = self.lock();
+                let reason = if st.ingesting.contains(&d) {
+                    continue;
+                } else if age > max_age {
+                    "expired"
+                } else if piece_records.contains(&key) {
+                    continue;
+                } else {
+                    "not resumable"
+                };
+                match fsutil::remove_if_exists(&path) {
+                    Ok(()) => {
+                        removed += 1;
+                        debug!(path = %path.display(), reason, "removed stale piece ingest file");
+                        if piece_records.contains(&key) {
+                            dead_pieces.push(key);
+                        }
+                    }
+                    Err(error) => {
+                        warn!(path = %path.display(), %error, "cannot remove stale piece ingest file")
+                    }
+                }
+                continue;
+            }
             let digest = fsutil::parse_ingest_name(&entry.file_name());
             let key = digest.as_ref().map(Digest::to_string);
             let mut st = self.lock();
@@ -955,7 +1051,17 @@ impl Inner {
                 }
             }
         }
+        {
+            let st = self.lock();
+            for k in &piece_records {
+                let live = Digest::parse(k).is_ok_and(|d| st.ingesting.contains(&d));
+                if !seen_pieces.contains(k) && !live {
+                    dead_pieces.push(k.clone());
+                }
+            }
+        }
         self.index.remove_ingest_keys(&dead_records)?;
+        self.index.remove_piece_keys(&dead_pieces)?;
         if removed > 0 {
             info!(removed, "removed stale ingest files");
         }
