@@ -15,6 +15,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use shoal_proto::RegistryHost;
 
+use crate::cluster::{ClusterConfig, ClusterTimers, CoordinatorAddr, FrontDoorTrust};
 use crate::store::StoreConfig;
 use crate::upstream::{Secret, UpstreamConfig};
 
@@ -114,6 +115,7 @@ struct FileConfig {
     store: FileStore,
     #[serde(default, rename = "upstream")]
     upstreams: Vec<FileUpstream>,
+    cluster: Option<FileCluster>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -174,6 +176,31 @@ struct FileUpstream {
     max_retries: Option<u32>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCluster {
+    node_name: Option<String>,
+    zone: Option<String>,
+    peer_listen: Option<SocketAddr>,
+    advertise_addr: Option<SocketAddr>,
+    state_dir: Option<PathBuf>,
+    bootstrap_token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
+    ca_pin: Option<String>,
+    #[serde(default, with = "humantime_serde::option")]
+    locate_timeout: Option<Duration>,
+    #[serde(default, rename = "coordinator")]
+    coordinators: Vec<FileCoordinator>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCoordinator {
+    name: String,
+    enroll_url: String,
+    ctl_addr: String,
+}
+
 // ---------------------------------------------------------------------------------------------
 // Command-line overrides.
 // ---------------------------------------------------------------------------------------------
@@ -228,6 +255,10 @@ pub struct Overrides {
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5050";
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9465";
 pub const DEFAULT_STORE_ROOT: &str = "/var/lib/shoal/agent";
+/// UDP port of the peer endpoint by default.
+pub const DEFAULT_PEER_LISTEN: &str = "0.0.0.0:7470";
+/// Environment variable holding the bootstrap token when no `bootstrap_token_file` is set.
+pub const BOOTSTRAP_TOKEN_ENV: &str = "SHOAL_BOOTSTRAP_TOKEN";
 
 /// Everything the agent needs to run, checked.
 #[derive(Debug, Clone)]
@@ -240,6 +271,8 @@ pub struct Config {
     /// How often eviction and the stale-ingest sweep run.
     pub maintenance_interval: Duration,
     pub upstreams: Vec<UpstreamConfig>,
+    /// Peer sharing and the control channel; `None` without a `[cluster]` section.
+    pub cluster: Option<ClusterConfig>,
 }
 
 #[derive(Debug, Clone)]
@@ -411,6 +444,13 @@ fn build(file: FileConfig, ov: &Overrides, base: Option<&Path>) -> Result<Config
         )));
     }
 
+    let cluster = match file.cluster {
+        None => None,
+        Some(c) => Some(
+            build_cluster(c, &store.root, base).map_err(|e| invalid(format!("[cluster] {e}")))?,
+        ),
+    };
+
     let tag_cache_ttl = file.mirror.tag_cache_ttl.unwrap_or(Duration::from_secs(30));
     let offline_grace = file
         .mirror
@@ -429,7 +469,160 @@ fn build(file: FileConfig, ov: &Overrides, base: Option<&Path>) -> Result<Config
         store,
         maintenance_interval,
         upstreams,
+        cluster,
     })
+}
+
+/// This machine's host name, as the default node name.
+fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    let name = name.trim();
+    (!name.is_empty()).then(|| name.to_owned())
+}
+
+fn build_cluster(
+    c: FileCluster,
+    store_root: &Path,
+    base: Option<&Path>,
+) -> Result<ClusterConfig, String> {
+    use shoal_proto::enroll::{BootstrapToken, is_dns_compatible};
+    use shoal_proto::msg::{NodeId, Zone};
+
+    let name = c
+        .node_name
+        .or_else(host_name)
+        .ok_or("node_name is not set and the host name cannot be read")?;
+    let node = NodeId::new(&name)
+        .ok()
+        .filter(|n| is_dns_compatible(n.as_str()))
+        .ok_or_else(|| {
+            format!("node_name {name:?} must be a DNS-style name (letters, digits, '-', '_', dots)")
+        })?;
+    let zone_text = c.zone.unwrap_or_default();
+    let zone = Zone::new(&zone_text).map_err(|e| format!("zone {zone_text:?}: {e}"))?;
+    let peer_listen = c
+        .peer_listen
+        .unwrap_or_else(|| DEFAULT_PEER_LISTEN.parse().expect("constant parses"));
+    let advertise = match c.advertise_addr {
+        Some(a) if a.ip().is_unspecified() || a.port() == 0 => {
+            return Err(format!(
+                "advertise_addr {a} must be a specific address and port"
+            ));
+        }
+        Some(a) => a,
+        None if peer_listen.ip().is_unspecified() || peer_listen.port() == 0 => {
+            return Err(format!(
+                "peer_listen {peer_listen} is a wildcard address: set advertise_addr to the address peers reach this node at"
+            ));
+        }
+        None => peer_listen,
+    };
+    if c.coordinators.is_empty() {
+        return Err(
+            "needs at least one [[cluster.coordinator]] (name, enroll_url, ctl_addr)".into(),
+        );
+    }
+    let mut coordinators = Vec::new();
+    for (i, f) in c.coordinators.into_iter().enumerate() {
+        let n = i + 1;
+        let name = NodeId::new(&f.name)
+            .ok()
+            .filter(|n| is_dns_compatible(n.as_str()))
+            .ok_or_else(|| {
+                format!(
+                    "coordinator {n}: name {:?} must be a DNS-style name",
+                    f.name
+                )
+            })?;
+        if coordinators
+            .iter()
+            .any(|x: &CoordinatorAddr| x.name == name)
+        {
+            return Err(format!("coordinator {name} is listed twice"));
+        }
+        let url = url_origin(&f.enroll_url)
+            .map_err(|e| format!("coordinator {name}: enroll_url {:?}: {e}", f.enroll_url))?;
+        if f.ctl_addr
+            .rsplit_once(':')
+            .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return Err(format!(
+                "coordinator {name}: ctl_addr {:?} must be host:port",
+                f.ctl_addr
+            ));
+        }
+        coordinators.push(CoordinatorAddr {
+            name,
+            enroll_url: url,
+            ctl_addr: f.ctl_addr,
+        });
+    }
+    let token_text = match c.bootstrap_token_file {
+        Some(f) => {
+            let f = resolve(base, f);
+            let text = std::fs::read_to_string(&f)
+                .map_err(|e| format!("cannot read bootstrap_token_file {}: {e}", f.display()))?;
+            Some(text.trim().to_owned())
+        }
+        None => std::env::var(BOOTSTRAP_TOKEN_ENV)
+            .ok()
+            .map(|t| t.trim().to_owned())
+            .filter(|t| !t.is_empty()),
+    };
+    let bootstrap_token = token_text
+        .map(|t| BootstrapToken::new(&t))
+        .transpose()
+        .map_err(|e| format!("bootstrap token: {e}"))?;
+    let front_door = match (c.ca_file, c.ca_pin) {
+        (Some(_), Some(_)) => return Err("set either ca_file or ca_pin, not both".into()),
+        (Some(f), None) => {
+            let f = resolve(base, f);
+            if !f.is_file() {
+                return Err(format!("ca_file {} does not exist", f.display()));
+            }
+            FrontDoorTrust::CaFile(f)
+        }
+        (None, Some(pin)) => FrontDoorTrust::parse_pin(&pin)?,
+        (None, None) => FrontDoorTrust::System,
+    };
+    let state_dir = c
+        .state_dir
+        .map(|p| resolve(base, p))
+        .unwrap_or_else(|| store_root.join("cluster"));
+    let mut timers = ClusterTimers::default();
+    if let Some(t) = c.locate_timeout {
+        if t.is_zero() {
+            return Err("locate_timeout must be greater than zero".into());
+        }
+        timers.locate_timeout = t;
+    }
+    Ok(ClusterConfig {
+        node,
+        zone,
+        peer_listen,
+        advertise,
+        coordinators,
+        bootstrap_token,
+        front_door,
+        state_dir,
+        timers,
+    })
+}
+
+/// Checks an `https://host[:port]` URL (nothing after the authority but an optional `/`) and
+/// returns it without the trailing slash.
+fn url_origin(text: &str) -> Result<String, String> {
+    let rest = text
+        .strip_prefix("https://")
+        .ok_or("must start with https://")?;
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.is_empty()
+        || authority.contains(['/', '?', '#', '@'])
+        || authority.contains(char::is_whitespace)
+    {
+        return Err("must be https://host[:port] with nothing after it".into());
+    }
+    Ok(format!("https://{authority}"))
 }
 
 fn build_store(

@@ -4,6 +4,7 @@
 //! port 0 and stop it cleanly; the `shoal-agent` binary only parses flags and binds.
 
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod fetch;
 pub mod metrics;
@@ -35,6 +36,8 @@ pub enum AgentError {
         host: String,
         source: upstream::UpstreamError,
     },
+    #[error("cluster: {0}")]
+    Cluster(#[from] cluster::ClusterError),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -79,6 +82,14 @@ pub async fn run(
     ));
 
     let shutdown = shutdown.shared();
+    // The control plane: enrollment, control channels, certificate renewal.
+    let cluster = match config.cluster.clone() {
+        Some(c) => Some(cluster::Cluster::start(c, shutdown.clone()).await?),
+        None => None,
+    };
+    if let Some(c) = &cluster {
+        info!(node = %c.node(), zone = %c.zone().as_str(), "cluster member");
+    }
     let mirror_addr = listeners
         .mirror
         .local_addr()
