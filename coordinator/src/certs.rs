@@ -182,6 +182,11 @@ impl CertAuthority {
         &self.cert_der
     }
 
+    /// The signer, for certificates this module does not shape itself (the cluster CA's).
+    pub fn issuer(&self) -> &Issuer<'static, KeyPair> {
+        &self.issuer
+    }
+
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
     }
@@ -238,7 +243,7 @@ impl CertAuthority {
     }
 }
 
-fn pem_of(der: &CertificateDer<'_>) -> String {
+pub(crate) fn pem_of(der: &CertificateDer<'_>) -> String {
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
     let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
@@ -251,7 +256,7 @@ fn pem_of(der: &CertificateDer<'_>) -> String {
     out
 }
 
-fn random_serial() -> SerialNumber {
+pub(crate) fn random_serial() -> SerialNumber {
     let mut bytes: [u8; 16] = rand::random();
     // Positive and without a leading zero byte, so the DER integer is exactly 16 bytes.
     bytes[0] = (bytes[0] & 0x7f) | 0x40;

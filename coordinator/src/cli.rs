@@ -211,10 +211,17 @@ fn serve(args: ServeArgs) -> Result<(), CliError> {
                 Some(a) => Some(bind(a, "metrics.listen").await?),
                 None => None,
             };
+            let cluster = match &config.cluster {
+                Some(c) => Some(std::net::UdpSocket::bind(c.listen).with_context(|| {
+                    format!("cannot listen on {} (cluster.listen, UDP)", c.listen)
+                })?),
+                None => None,
+            };
             let listeners = crate::Listeners {
                 https,
                 http,
                 metrics,
+                cluster,
             };
             crate::run(config, listeners, shutdown_signal()).await?;
             Ok::<(), anyhow::Error>(())

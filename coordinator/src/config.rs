@@ -20,6 +20,7 @@ use url::Url;
 
 use crate::access::{AccessConfig, AccessRules, RuleConfig};
 use crate::auth::AuthConfig;
+use crate::cluster::ClusterSettings;
 
 /// Why a configuration cannot be used. Always names the file or the field.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +118,28 @@ struct FileConfig {
     access: Vec<RuleConfig>,
     #[serde(default, rename = "registry")]
     registries: Vec<FileRegistry>,
+    cluster: Option<FileCluster>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCluster {
+    name: Option<String>,
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    bootstrap_tokens_file: Option<PathBuf>,
+    revoked_file: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde::option")]
+    cert_lifetime: Option<Duration>,
+    origin_slots_per_blob: Option<usize>,
+    max_peers: Option<usize>,
+    #[serde(default, with = "humantime_serde::option")]
+    seeder_stall: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    node_ttl: Option<Duration>,
+    reports_to_quarantine: Option<usize>,
+    #[serde(default, with = "humantime_serde::option")]
+    quarantine: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -294,6 +317,8 @@ pub struct Config {
     pub registries: Vec<RegistryConfig>,
     /// Index into `registries` of the pool for requests without `?ns=`.
     pub default_registry: usize,
+    /// The cluster CA, enrollment and the tracker; `None` without a `[cluster]` section.
+    pub cluster: Option<ClusterSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -543,6 +568,12 @@ fn build(file: FileConfig, ov: &Overrides, base: Option<&Path>) -> Result<Config
         }
     };
 
+    let cluster = file
+        .cluster
+        .map(|c| build_cluster(c, base))
+        .transpose()
+        .map_err(|e| invalid(format!("[cluster] {e}")))?;
+
     Ok(Config {
         server: server.config,
         metrics_listen,
@@ -551,6 +582,95 @@ fn build(file: FileConfig, ov: &Overrides, base: Option<&Path>) -> Result<Config
         coalescing,
         registries,
         default_registry,
+        cluster,
+    })
+}
+
+/// UDP address of the control channel by default.
+pub const DEFAULT_CLUSTER_LISTEN: &str = "0.0.0.0:7471";
+pub const DEFAULT_CLUSTER_DATA_DIR: &str = "/var/lib/shoal/coordinator/cluster";
+
+fn build_cluster(c: FileCluster, base: Option<&Path>) -> Result<ClusterSettings, String> {
+    use shoal_proto::enroll::is_dns_compatible;
+    use shoal_proto::msg::NodeId;
+
+    let name = c
+        .name
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .ok_or("name is not set and the host name cannot be read")?;
+    let name = NodeId::new(&name)
+        .ok()
+        .filter(|n| is_dns_compatible(n.as_str()))
+        .ok_or_else(|| {
+            format!("name {name:?} must be a DNS-style name (letters, digits, '-', '_', dots)")
+        })?;
+    let data_dir = c
+        .data_dir
+        .map(|p| resolve(base, p))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CLUSTER_DATA_DIR));
+    let tokens = c
+        .bootstrap_tokens_file
+        .map(|p| resolve(base, p))
+        .ok_or("bootstrap_tokens_file is required (one bootstrap token per line)")?;
+    let revoked_file = c
+        .revoked_file
+        .map(|p| resolve(base, p))
+        .unwrap_or_else(|| data_dir.join(crate::cluster::REVOKED_FILE));
+    let cert_lifetime = c.cert_lifetime.unwrap_or(Duration::from_secs(24 * 3600));
+    if cert_lifetime < Duration::from_secs(2) || cert_lifetime > Duration::from_secs(366 * 86400) {
+        return Err(format!(
+            "cert_lifetime {cert_lifetime:?} must be within 2s..=366d"
+        ));
+    }
+    let mut tracker = shoal_proto::tracker::TrackerConfig::default();
+    if let Some(n) = c.origin_slots_per_blob {
+        if n == 0 {
+            return Err("origin_slots_per_blob must be at least 1".into());
+        }
+        tracker.origin_slots_per_blob = n;
+    }
+    if let Some(n) = c.max_peers {
+        if !(1..=shoal_proto::msg::MAX_PEERS).contains(&n) {
+            return Err(format!(
+                "max_peers must be within 1..={}",
+                shoal_proto::msg::MAX_PEERS
+            ));
+        }
+        tracker.max_peers = n;
+    }
+    if let Some(n) = c.reports_to_quarantine {
+        if n == 0 {
+            return Err("reports_to_quarantine must be at least 1".into());
+        }
+        tracker.reports_to_quarantine = n;
+    }
+    for (field, value, slot) in [
+        ("seeder_stall", c.seeder_stall, &mut tracker.seeder_stall),
+        ("node_ttl", c.node_ttl, &mut tracker.node_ttl),
+        ("quarantine", c.quarantine, &mut tracker.quarantine),
+    ] {
+        if let Some(v) = value {
+            if v.is_zero() {
+                return Err(format!("{field} must be greater than zero"));
+            }
+            *slot = v;
+        }
+    }
+    tracker.seed = rand::random();
+    Ok(ClusterSettings {
+        name,
+        listen: c
+            .listen
+            .unwrap_or_else(|| DEFAULT_CLUSTER_LISTEN.parse().expect("constant parses")),
+        data_dir,
+        tokens_file: tokens,
+        revoked_file,
+        cert_lifetime,
+        tracker,
     })
 }
 

@@ -19,6 +19,7 @@ pub mod access;
 pub mod auth;
 pub mod certs;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod gateway;
 pub mod htpasswd;
@@ -55,6 +56,8 @@ pub enum CoordinatorError {
     Upstream { host: String, reason: String },
     #[error("cannot open the access log: {0}")]
     AccessLog(std::io::Error),
+    #[error("cluster: {0}")]
+    Cluster(#[from] cluster::ClusterStartError),
     #[error("coalescing spool directory {}: {source}", path.display())]
     Spool {
         path: PathBuf,
@@ -70,6 +73,9 @@ pub struct Listeners {
     /// Plain HTTP (`insecure_http_listen`), if configured.
     pub http: Option<TcpListener>,
     pub metrics: Option<TcpListener>,
+    /// The control channel's UDP socket (`[cluster] listen`); bound by `run` from the config
+    /// when `None` and a `[cluster]` section is present.
+    pub cluster: Option<std::net::UdpSocket>,
 }
 
 /// Runs the coordinator until `shutdown` resolves, then drains and returns. SIGHUP reloads
@@ -145,15 +151,38 @@ pub async fn run_with_reload(
         pools.push(Arc::new(pool));
     }
 
-    let gateway = Arc::new(gateway::Gateway::new(
+    let shutdown = shutdown.shared();
+    let cluster = match &config.cluster {
+        None => None,
+        Some(c) => {
+            let socket = match listeners.cluster {
+                Some(s) => s,
+                None => std::net::UdpSocket::bind(c.listen).map_err(|e| {
+                    CoordinatorError::Cluster(cluster::ClusterStartError::Socket(e))
+                })?,
+            };
+            log_front_door_pin(&resolver);
+            Some(cluster::start(
+                c,
+                socket,
+                metrics.clone(),
+                shutdown.clone(),
+            )?)
+        }
+    };
+
+    let mut gateway = gateway::Gateway::new(
         &config,
         auth.as_ref().map(|(a, _)| Arc::clone(a)),
         pools.clone(),
         metrics.clone(),
         access_log.clone(),
-    ));
+    );
+    if let Some(c) = &cluster {
+        gateway = gateway.with_enrollment(Arc::clone(&c.enroller));
+    }
+    let gateway = Arc::new(gateway);
 
-    let shutdown = shutdown.shared();
     let mut background = Vec::new();
     for pool in &pools {
         background.push(tokio::spawn(gateway::health::run(
@@ -206,9 +235,29 @@ pub async fn run_with_reload(
     for task in background {
         let _ = task.await;
     }
+    if let Some(c) = cluster {
+        c.join().await;
+    }
     access_log.flush(Duration::from_secs(5));
     info!("coordinator stopped");
     Ok(())
+}
+
+/// Logs the `ca_pin` agents can use to trust this front door when they enroll: the SHA-256 of
+/// the key of the CA certificate at the end of the served chain.
+fn log_front_door_pin(resolver: &tls::ReloadingCertResolver) {
+    let current = resolver.current();
+    match current.cert.as_slice() {
+        [_, .., ca] => match shoal_agent::cluster::spki_pin(ca) {
+            Ok(pin) => {
+                info!(ca_pin = %format!("sha256:{}", hex::encode(pin)), "front door CA pin for agents' [cluster] ca_pin")
+            }
+            Err(e) => warn!(error = %e, "cannot compute the front door CA pin"),
+        },
+        _ => info!(
+            "the front door serves no CA certificate in its chain: agents need ca_file (or the system roots) to enroll"
+        ),
+    }
 }
 
 /// Reloads on each item of `signals` and, every `poll`, whatever changed on disk.

@@ -38,6 +38,11 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ReloadLabels {
     file: &'static str,
     result: &'static str,
@@ -58,6 +63,12 @@ pub struct Metrics {
     flights: Counter,
     framing_rejections: Counter,
     reloads: Family<ReloadLabels, Counter>,
+    cluster_nodes: Gauge,
+    cluster_locates: Counter,
+    cluster_origin_slots: Counter,
+    cluster_bad_peer_reports: Counter,
+    cluster_enrollments: Family<ResultLabel, Counter>,
+    cluster_renewals: Family<ResultLabel, Counter>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -88,6 +99,12 @@ impl Metrics {
             flights: Counter::default(),
             framing_rejections: Counter::default(),
             reloads: Family::default(),
+            cluster_nodes: Gauge::default(),
+            cluster_locates: Counter::default(),
+            cluster_origin_slots: Counter::default(),
+            cluster_bad_peer_reports: Counter::default(),
+            cluster_enrollments: Family::default(),
+            cluster_renewals: Family::default(),
         };
         registry.register(
             "requests",
@@ -143,6 +160,36 @@ impl Metrics {
             "reloads",
             "Reloads of the certificate and htpasswd files, by result",
             m.reloads.clone(),
+        );
+        registry.register(
+            "cluster_nodes_connected",
+            "Agents with a control session open to this coordinator",
+            m.cluster_nodes.clone(),
+        );
+        registry.register(
+            "cluster_locates",
+            "Locate requests answered by the tracker",
+            m.cluster_locates.clone(),
+        );
+        registry.register(
+            "cluster_origin_slots_granted",
+            "Origin slots granted to agents (in locate answers and later grants)",
+            m.cluster_origin_slots.clone(),
+        );
+        registry.register(
+            "cluster_bad_peer_reports",
+            "Reports of peers that sent pieces failing verification",
+            m.cluster_bad_peer_reports.clone(),
+        );
+        registry.register(
+            "cluster_enrollments",
+            "Enrollment requests, by result (issued, bad_token, revoked, rate_limited, bad_request, error)",
+            m.cluster_enrollments.clone(),
+        );
+        registry.register(
+            "cluster_renewals",
+            "Certificate renewals over the control channel, by result (issued, refused)",
+            m.cluster_renewals.clone(),
         );
         Metrics {
             registry: Arc::new(registry),
@@ -217,6 +264,34 @@ impl Metrics {
                 file,
                 result: if ok { "ok" } else { "error" },
             })
+            .inc();
+    }
+
+    pub fn cluster_nodes(&self, n: usize) {
+        self.cluster_nodes.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn cluster_locate(&self) {
+        self.cluster_locates.inc();
+    }
+
+    pub fn cluster_origin_slot(&self) {
+        self.cluster_origin_slots.inc();
+    }
+
+    pub fn cluster_bad_peer_report(&self) {
+        self.cluster_bad_peer_reports.inc();
+    }
+
+    pub fn enrollment(&self, result: &'static str) {
+        self.cluster_enrollments
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+
+    pub fn renewal(&self, result: &'static str) {
+        self.cluster_renewals
+            .get_or_create(&ResultLabel { result })
             .inc();
     }
 

@@ -136,6 +136,10 @@ pub struct CoordinatorOptions {
     /// Also listen on plain HTTP.
     pub insecure_http: bool,
     pub coalescing: bool,
+    /// Lines of a `[cluster]` table (name, data_dir, bootstrap_tokens_file, ...); with it the
+    /// coordinator also serves the control channel on a UDP port of 127.0.0.1 chosen by the OS
+    /// ([`TestCoordinator::cluster_addr`]).
+    pub cluster_toml: Option<String>,
 }
 
 impl CoordinatorOptions {
@@ -162,6 +166,7 @@ impl CoordinatorOptions {
             fail_timeout: Duration::from_secs(5),
             insecure_http: false,
             coalescing: true,
+            cluster_toml: None,
         }
     }
 
@@ -187,6 +192,9 @@ impl CoordinatorOptions {
             self.coalescing,
             p(&dir.join("spool"))
         )?;
+        if let Some(c) = &self.cluster_toml {
+            writeln!(t, "[cluster]\n{c}\n")?;
+        }
         t.push_str(&self.access_toml);
         writeln!(
             t,
@@ -226,6 +234,7 @@ pub struct TestCoordinator {
     https: SocketAddr,
     http: Option<SocketAddr>,
     metrics: SocketAddr,
+    cluster: Option<SocketAddr>,
     client_cert_dir: PathBuf,
     ca_pem: Vec<u8>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -276,6 +285,11 @@ impl TestCoordinator {
             None
         };
         let metrics = TcpListener::bind("127.0.0.1:0").await?;
+        let cluster = match opts.cluster_toml {
+            Some(_) => Some(std::net::UdpSocket::bind("127.0.0.1:0")?),
+            None => None,
+        };
+        let cluster_addr = cluster.as_ref().map(|s| s.local_addr()).transpose()?;
         let https_addr = https.local_addr()?;
         let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
         let metrics_addr = metrics.local_addr()?;
@@ -291,6 +305,7 @@ impl TestCoordinator {
                     https,
                     http,
                     metrics: Some(metrics),
+                    cluster,
                 },
                 async move {
                     let _ = shutdown_rx.await;
@@ -305,6 +320,7 @@ impl TestCoordinator {
             https: https_addr,
             http: http_addr,
             metrics: metrics_addr,
+            cluster: cluster_addr,
             client_cert_dir,
             ca_pem,
             shutdown: Some(shutdown_tx),
@@ -348,6 +364,16 @@ impl TestCoordinator {
 
     pub fn https_addr(&self) -> SocketAddr {
         self.https
+    }
+
+    /// The control channel's UDP address, if `cluster_toml` was set.
+    pub fn cluster_addr(&self) -> Option<SocketAddr> {
+        self.cluster
+    }
+
+    /// The front door CA certificate (PEM): what agents trust when they enroll (`ca_file`).
+    pub fn ca_pem(&self) -> &[u8] {
+        &self.ca_pem
     }
 
     /// The plain-HTTP listener, if `insecure_http` was set.

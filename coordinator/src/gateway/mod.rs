@@ -312,6 +312,8 @@ pub struct Gateway {
     uploads: UploadSessions,
     metrics: Metrics,
     access_log: AccessLog,
+    /// `POST /shoal/v1/enroll`, when the cluster part runs.
+    enroll: Option<Arc<crate::cluster::enroll::Enroller>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -343,7 +345,15 @@ impl Gateway {
             uploads: UploadSessions::default(),
             metrics,
             access_log,
+            enroll: None,
         }
+    }
+
+    /// Serves agent enrollment on [`ENROLL_PATH`](shoal_proto::enroll::ENROLL_PATH) (no
+    /// front-door credentials: the bootstrap token in the body authenticates).
+    pub fn with_enrollment(mut self, enroller: Arc<crate::cluster::enroll::Enroller>) -> Gateway {
+        self.enroll = Some(enroller);
+        self
     }
 
     /// Answers one request.
@@ -446,6 +456,11 @@ impl Gateway {
             resp.headers_mut()
                 .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             return Ok(resp);
+        }
+        if path == shoal_proto::enroll::ENROLL_PATH
+            && let Some(enroller) = &self.enroll
+        {
+            return Ok(enroller.handle(req, conn.peer).await);
         }
         if path != "/v2" && !path.starts_with("/v2/") {
             return Err(ApiError::new(

@@ -1,0 +1,458 @@
+//! The control channel's server (`shoal-ctl/1` over QUIC): one connection and one
+//! bidirectional stream per agent, mutual TLS against the cluster CA, and the task that owns
+//! the [`Tracker`].
+//!
+//! Connection tasks authenticate (the node name comes from the verified certificate; the
+//! `Hello` must repeat it and announce a peer address the certificate vouches for), answer
+//! `Renew` themselves, and pass every other message to the tracker task over a channel. The
+//! tracker task is the only owner of the tracker: it feeds it inputs with `now`, sends what
+//! `poll_transmit` yields to the named agents, runs `poll_expire` when `poll_timeout` says,
+//! and calls `handle_disconnect` when a session ends. It also applies revocations (closing the
+//! sessions of revoked nodes) and tells every agent whom to refuse.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use rustls_pki_types::CertificateDer;
+use shoal_agent::cluster::tls::{CertInfo, cert_info};
+use shoal_proto::msg::{AgentMsg, CertDer, CoordMsg, Hello, MAX_REFUSED_NODES, NodeId};
+use shoal_proto::time::Time;
+use shoal_proto::tracker::{Tracker, TrackerError};
+use shoal_proto::wire::{self, Decoder};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::ca::ClusterCa;
+use super::revoke::Revocations;
+use crate::metrics::Metrics;
+
+/// Time allowed for the QUIC handshake, and then for the agent's `Hello`.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Shortest interval between two renewals on one session.
+const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the revocation file is checked for changes.
+const REVOCATION_POLL: Duration = Duration::from_secs(1);
+
+static CONN_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// What the connection tasks share.
+pub(super) struct Shared {
+    pub ca: Arc<ClusterCa>,
+    pub revocations: Arc<Revocations>,
+    pub cert_lifetime: Duration,
+    pub metrics: Metrics,
+    pub cmds: mpsc::UnboundedSender<Cmd>,
+}
+
+/// Inputs of the tracker task.
+pub(super) enum Cmd {
+    Connected {
+        node: NodeId,
+        id: u64,
+        serial: String,
+        hello: Hello,
+        tx: mpsc::UnboundedSender<CoordMsg>,
+        conn: quinn::Connection,
+    },
+    Msg {
+        node: NodeId,
+        id: u64,
+        msg: AgentMsg,
+    },
+    Disconnected {
+        node: NodeId,
+        id: u64,
+    },
+}
+
+/// Accepts connections until `cancel`, then closes the endpoint.
+pub(super) async fn serve(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let shared = shared.clone();
+                let cancel = cancel.clone();
+                tokio::spawn(async move {
+                    let remote = incoming.remote_address();
+                    if let Err(e) = connection(incoming, &shared, cancel).await {
+                        debug!(remote = %remote, error = %e, "control session ended");
+                    }
+                });
+            }
+            () = cancel.cancelled() => break,
+        }
+    }
+    endpoint.close(0u32.into(), b"shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
+fn verified_peer(conn: &quinn::Connection) -> Option<CertInfo> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    cert_info(chain.first()?).ok()
+}
+
+async fn read_msg(
+    recv: &mut quinn::RecvStream,
+    dec: &mut Decoder<AgentMsg>,
+    buf: &mut Vec<u8>,
+) -> Result<Option<AgentMsg>, String> {
+    loop {
+        if !buf.is_empty() {
+            let mut input = &buf[..];
+            let r = dec.decode(&mut input);
+            let used = buf.len() - input.len();
+            buf.drain(..used);
+            match r {
+                Ok(Some(m)) => return Ok(Some(m)),
+                Ok(None) => {}
+                Err(e) => return Err(format!("bad frame: {e}")),
+            }
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        match recv.read(&mut chunk).await {
+            Ok(Some(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(None) if dec.is_idle() => return Ok(None),
+            Ok(None) => return Err("stream ended inside a frame".into()),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+}
+
+async fn refuse(send: &mut quinn::SendStream, conn: &quinn::Connection, reason: String) {
+    warn!(remote = %conn.remote_address(), %reason, "control session refused");
+    if let Ok(frame) = wire::encode(&CoordMsg::Refused { reason }) {
+        let _ = send.write_all(&frame).await;
+    }
+    let _ = send.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+    conn.close(1u32.into(), b"refused");
+}
+
+async fn connection(
+    incoming: quinn::Incoming,
+    shared: &Shared,
+    cancel: CancellationToken,
+) -> Result<(), String> {
+    let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming)
+        .await
+        .map_err(|_| "handshake timed out".to_owned())?
+        .map_err(|e| format!("handshake: {e}"))?;
+    // The verifier accepted the chain, so this is a node certificate of our CA, valid and not
+    // revoked at handshake time.
+    let info = verified_peer(&conn).ok_or("no verified node certificate")?;
+    let node = info.node().cloned().ok_or("not a node certificate")?;
+    let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
+        .await
+        .map_err(|_| format!("{node}: no stream"))?
+        .map_err(|e| format!("{node}: {e}"))?;
+    let mut dec = Decoder::<AgentMsg>::new();
+    let mut buf = Vec::new();
+    let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_msg(&mut recv, &mut dec, &mut buf))
+        .await
+        .map_err(|_| format!("{node}: no hello"))??;
+    let hello = match first {
+        Some(AgentMsg::Hello(h)) => h,
+        _ => {
+            refuse(&mut send, &conn, "the session must start with Hello".into()).await;
+            return Err(format!("{node}: no hello"));
+        }
+    };
+    if hello.node != node {
+        let reason = format!(
+            "Hello names node {} but the certificate is node {node}",
+            hello.node
+        );
+        refuse(&mut send, &conn, reason).await;
+        return Err(format!("{node}: name mismatch"));
+    }
+    if !info.ips.contains(&hello.peer_addr.ip()) {
+        let reason = format!(
+            "peer address {} is not in node {node}'s certificate ({:?}); enroll again with advertise_addr",
+            hello.peer_addr, info.ips
+        );
+        refuse(&mut send, &conn, reason).await;
+        return Err(format!("{node}: address mismatch"));
+    }
+
+    let id = CONN_IDS.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::unbounded_channel::<CoordMsg>();
+    info!(node = %node, remote = %conn.remote_address(), zone = %hello.zone.as_str(), "agent connected");
+    let _ = shared.cmds.send(Cmd::Connected {
+        node: node.clone(),
+        id,
+        serial: info.serial.clone(),
+        hello,
+        tx: tx.clone(),
+        conn: conn.clone(),
+    });
+    let writer = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            let end = matches!(msg, CoordMsg::Bye | CoordMsg::Refused { .. });
+            match wire::encode(&msg) {
+                Ok(frame) => {
+                    if send.write_all(&frame).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "control message not sent: it breaks the protocol's bounds")
+                }
+            }
+            if end {
+                break;
+            }
+        }
+        let _ = send.finish();
+    });
+
+    let mut last_renewal: Option<Instant> = None;
+    let result = loop {
+        let msg = tokio::select! {
+            r = read_msg(&mut recv, &mut dec, &mut buf) => r,
+            e = conn.closed() => break Err(format!("{node}: {e}")),
+            () = cancel.cancelled() => {
+                let _ = tx.send(CoordMsg::Bye);
+                break Ok(());
+            }
+        };
+        match msg {
+            Ok(Some(AgentMsg::Bye)) | Ok(None) => break Ok(()),
+            Ok(Some(AgentMsg::Hello(_))) => {}
+            Ok(Some(AgentMsg::Renew { csr })) => {
+                let too_soon = last_renewal.is_some_and(|t| t.elapsed() < MIN_RENEW_INTERVAL);
+                last_renewal = Some(Instant::now());
+                let answer = if too_soon {
+                    CoordMsg::RenewRefused {
+                        reason: "renewals are limited to one a second".into(),
+                    }
+                } else {
+                    renew(shared, &node, &info, csr.as_slice())
+                };
+                let _ = tx.send(answer);
+            }
+            Ok(Some(msg)) => {
+                let _ = shared.cmds.send(Cmd::Msg {
+                    node: node.clone(),
+                    id,
+                    msg,
+                });
+            }
+            Err(e) => break Err(format!("{node}: {e}")),
+        }
+    };
+    let _ = shared.cmds.send(Cmd::Disconnected {
+        node: node.clone(),
+        id,
+    });
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
+    conn.close(0u32.into(), b"bye");
+    info!(node = %node, "agent disconnected");
+    result
+}
+
+/// A renewal: the same node and addresses as the certificate the session was opened with.
+fn renew(shared: &Shared, node: &NodeId, info: &CertInfo, csr: &[u8]) -> CoordMsg {
+    use shoal_agent::cluster::tls::Refusals as _;
+    if shared.revocations.is_refused(node, &info.serial) {
+        shared.metrics.renewal("refused");
+        return CoordMsg::RenewRefused {
+            reason: format!("node {node} is revoked"),
+        };
+    }
+    match shared
+        .ca
+        .issue_node(csr, node, &info.ips, shared.cert_lifetime)
+    {
+        Ok(issued) => {
+            let leaf = CertDer::new(issued.der.to_vec());
+            let ca = CertDer::new(shared.ca.cert_der().to_vec());
+            match (leaf, ca) {
+                (Some(leaf), Some(ca)) => {
+                    info!(node = %node, serial = %issued.serial, "certificate renewed");
+                    shared.metrics.renewal("issued");
+                    CoordMsg::Renewed { leaf, ca }
+                }
+                _ => {
+                    shared.metrics.renewal("refused");
+                    CoordMsg::RenewRefused {
+                        reason: "certificate too large".into(),
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            shared.metrics.renewal("refused");
+            CoordMsg::RenewRefused {
+                reason: e.to_string(),
+            }
+        }
+    }
+}
+
+struct Session {
+    id: u64,
+    serial: String,
+    hello: Hello,
+    tx: mpsc::UnboundedSender<CoordMsg>,
+    conn: quinn::Connection,
+}
+
+/// The tracker task. See the module documentation.
+pub(super) async fn run_tracker(
+    mut tracker: Tracker,
+    mut cmds: mpsc::UnboundedReceiver<Cmd>,
+    revocations: Arc<Revocations>,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) {
+    let start = Instant::now();
+    let now = || Time::from_micros(u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX));
+    let to_instant = |t: Time| start + Duration::from_micros(t.as_micros());
+    let mut sessions: HashMap<NodeId, Session> = HashMap::new();
+    let mut refused: Vec<NodeId> = Vec::new();
+    let mut revocation_poll = tokio::time::interval(REVOCATION_POLL);
+    revocation_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let far = Duration::from_secs(3600);
+    loop {
+        let deadline = tracker
+            .poll_timeout()
+            .map(to_instant)
+            .unwrap_or_else(|| Instant::now() + far);
+        let mut recheck_refused = false;
+        tokio::select! {
+            cmd = cmds.recv() => {
+                let Some(cmd) = cmd else { break };
+                match cmd {
+                    Cmd::Connected { node, id, serial, hello, tx, conn } => {
+                        if let Some(old) = sessions.remove(&node) {
+                            // A reconnect before the old session was noticed dead: the new one wins.
+                            old.conn.close(0u32.into(), b"replaced by a newer session");
+                            tracker.handle_disconnect(&node, now());
+                        }
+                        match tracker.handle_hello(&hello, now()) {
+                            Ok(welcome) => {
+                                let _ = tx.send(welcome);
+                                let _ = tx.send(CoordMsg::RefusedNodes { nodes: refused.clone() });
+                                sessions.insert(node, Session { id, serial, hello, tx, conn });
+                            }
+                            Err(e) => {
+                                warn!(node = %node, error = %e, "hello refused");
+                                let _ = tx.send(CoordMsg::Refused { reason: e.to_string() });
+                            }
+                        }
+                    }
+                    Cmd::Msg { node, id, msg } => {
+                        let Some(s) = sessions.get(&node).filter(|s| s.id == id) else { continue };
+                        match &msg {
+                            AgentMsg::Locate { .. } => metrics.cluster_locate(),
+                            AgentMsg::ReportBadPeer { peer, .. } => {
+                                metrics.cluster_bad_peer_report();
+                                info!(reporter = %node, peer = %peer, "bad peer reported");
+                                recheck_refused = true;
+                            }
+                            _ => {}
+                        }
+                        let t = now();
+                        let mut result = tracker.handle(&node, msg.clone(), t);
+                        if let Err(TrackerError::UnknownNode(_)) = result {
+                            // The tracker expired the node while its session lived on (a long
+                            // stall): register it again and retry.
+                            let _ = tracker.handle_hello(&s.hello, t);
+                            result = tracker.handle(&node, msg, t);
+                        }
+                        match result {
+                            Ok(Some(reply)) => {
+                                if let CoordMsg::LocateReply(r) = &reply
+                                    && r.origin
+                                {
+                                    metrics.cluster_origin_slot();
+                                }
+                                let _ = s.tx.send(reply);
+                            }
+                            Ok(None) => {}
+                            Err(e) => debug!(node = %node, error = %e, "control message refused by the tracker"),
+                        }
+                    }
+                    Cmd::Disconnected { node, id } => {
+                        if sessions.get(&node).is_some_and(|s| s.id == id) {
+                            sessions.remove(&node);
+                            tracker.handle_disconnect(&node, now());
+                        }
+                    }
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => {
+                tracker.poll_expire(now());
+                recheck_refused = true;
+            }
+            _ = revocation_poll.tick() => {
+                // A stat, and a read of a small file when it changed.
+                if let Some(set) = revocations.reload_if_changed() {
+                    let revoked: Vec<NodeId> = sessions
+                        .iter()
+                        .filter(|(n, s)| set.contains(n, &s.serial))
+                        .map(|(n, _)| n.clone())
+                        .collect();
+                    for n in revoked {
+                        if let Some(s) = sessions.remove(&n) {
+                            warn!(node = %n, "closing the session of a revoked node");
+                            let _ = s.tx.send(CoordMsg::Refused { reason: format!("node {n} is revoked") });
+                            let conn = s.conn.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                                conn.close(2u32.into(), b"revoked");
+                            });
+                            tracker.handle_disconnect(&n, now());
+                        }
+                    }
+                    recheck_refused = true;
+                }
+            }
+            () = cancel.cancelled() => break,
+        }
+        while let Some((node, msg)) = tracker.poll_transmit() {
+            if let CoordMsg::OriginSlot { granted: true, .. } = &msg {
+                metrics.cluster_origin_slot();
+            }
+            if let Some(s) = sessions.get(&node) {
+                let _ = s.tx.send(msg);
+            }
+        }
+        if recheck_refused {
+            let mut set: BTreeSet<NodeId> = revocations.current().nodes;
+            set.extend(tracker.quarantined_nodes(now()));
+            let list: Vec<NodeId> = set.into_iter().take(MAX_REFUSED_NODES).collect();
+            if list != refused {
+                refused = list;
+                for s in sessions.values() {
+                    let _ = s.tx.send(CoordMsg::RefusedNodes {
+                        nodes: refused.clone(),
+                    });
+                }
+            }
+        }
+        metrics.cluster_nodes(sessions.len());
+    }
+    for s in sessions.values() {
+        let _ = s.tx.send(CoordMsg::Bye);
+    }
+}
+
+/// The bound address, for logs.
+pub(super) fn describe(endpoint: &quinn::Endpoint) -> Option<SocketAddr> {
+    endpoint.local_addr().ok()
+}
