@@ -485,10 +485,12 @@ impl Inner {
             .clone()
     }
 
-    /// Starts presenting `id` (and trusting its CA); with `persist`, stores it first.
+    /// Starts presenting `id` (and trusting its CA); with `persist`, stores it too. A
+    /// certificate that cannot be stored is still used (and enrolling again after a restart
+    /// costs little), so a full or read-only disk does not cut the node off.
     fn install(&self, id: Loaded, persist: bool) -> Result<(), ClusterError> {
-        if persist {
-            identity::save(&self.cfg.state_dir, &id)?;
+        if persist && let Err(e) = identity::save(&self.cfg.state_dir, &id) {
+            warn!(error = %e, "cannot store the cluster certificate; using it from memory");
         }
         self.trust.set_ca(id.ca.clone())?;
         self.slot.set(id.certified.clone());

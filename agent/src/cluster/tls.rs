@@ -518,7 +518,8 @@ impl ServerCertVerifier for ClusterServerVerifier {
 }
 
 /// A rustls server configuration for a cluster channel: TLS 1.3 only (QUIC), mandatory client
-/// certificates checked by `verifier`, this side's certificate from `slot`, one ALPN.
+/// certificates checked by `verifier`, this side's certificate from `slot`, one ALPN, no
+/// session resumption.
 pub fn server_config(
     trust: &Trust,
     verifier: Arc<dyn ClientCertVerifier>,
@@ -530,6 +531,10 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(slot);
     cfg.alpn_protocols = vec![alpn.to_vec()];
+    // No resumption: a resumed session skips certificate verification, so a node revoked (or
+    // expired) since its last handshake could come back in with a ticket.
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(cfg)
 }
 
@@ -547,5 +552,7 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(slot);
     cfg.alpn_protocols = vec![alpn.to_vec()];
+    // Every connection is a full handshake, verified both ways (see `server_config`).
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
 }

@@ -154,6 +154,14 @@ async fn connection(
     // revoked at handshake time.
     let info = verified_peer(&conn).ok_or("no verified node certificate")?;
     let node = info.node().cloned().ok_or("not a node certificate")?;
+    {
+        use shoal_agent::cluster::tls::Refusals as _;
+        // The verifier checked this too; checked again in case the list changed since.
+        if shared.revocations.is_refused(&node, &info.serial) {
+            conn.close(2u32.into(), b"revoked");
+            return Err(format!("{node}: revoked"));
+        }
+    }
     let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
         .await
         .map_err(|_| format!("{node}: no stream"))?
@@ -366,6 +374,11 @@ pub(super) async fn run_tracker(
                             }
                             _ => {}
                         }
+                        // Count slots granted, not answers that repeat a slot already held.
+                        let held_slot = match &msg {
+                            AgentMsg::Locate { digest, .. } => tracker.seeders(digest).contains(&node),
+                            _ => false,
+                        };
                         let t = now();
                         let mut result = tracker.handle(&node, msg.clone(), t);
                         if let Err(TrackerError::UnknownNode(_)) = result {
@@ -378,6 +391,7 @@ pub(super) async fn run_tracker(
                             Ok(Some(reply)) => {
                                 if let CoordMsg::LocateReply(r) = &reply
                                     && r.origin
+                                    && !held_slot
                                 {
                                     metrics.cluster_origin_slot();
                                 }

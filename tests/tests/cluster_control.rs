@@ -1,0 +1,721 @@
+//! The control plane in process: coordinators (front door from the harness plus the cluster
+//! part on a UDP port of 127.0.0.1) and agents' `Cluster`s on 127.0.0.2, .3, .4: enrollment,
+//! Hello/Announce/Locate, one origin slot, renewal, refusal of foreign, missing and revoked
+//! certificates on the control and peer channels, bad tokens, and two coordinators sharing
+//! the digests and failing over.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use shoal_agent::cluster::tls::{self, CertSlot, ClusterServerVerifier, Expect, RefuseNone, Trust};
+use shoal_agent::cluster::{
+    Cluster, ClusterConfig, ClusterError, ClusterTimers, CoordinatorAddr, FrontDoorTrust,
+};
+use shoal_proto::Digest;
+use shoal_proto::enroll::{BootstrapToken, EnrollErrorCode};
+use shoal_proto::msg::{AgentMsg, Announce, CoordMsg, Hello, NodeId, PROTOCOL_VERSION, Zone};
+use shoal_proto::tracker::owner_coordinator;
+use shoal_proto::wire::{self, ALPN_CTL, ALPN_PEER, Decoder};
+use shoal_tests::coordinator::{CoordinatorOptions, TestCoordinator};
+use shoal_tests::{free_port, poll_until, wait_until};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(120);
+const WAIT: Duration = Duration::from_secs(15);
+const TOKEN: &str = "test-bootstrap-token-0123456789";
+
+async fn within(test: impl Future<Output = Result<()>>) -> Result<()> {
+    tokio::time::timeout(TEST_TIMEOUT, test)
+        .await
+        .context("test timed out")?
+}
+
+fn q(p: &Path) -> String {
+    serde_json::to_string(&p.to_string_lossy()).expect("a str serialises")
+}
+
+/// A cluster's shared files: the CA directory, the token file.
+struct Shared {
+    dir: TempDir,
+}
+
+impl Shared {
+    fn new() -> Result<Shared> {
+        let dir = tempfile::Builder::new()
+            .prefix("shoal-cluster-")
+            .tempdir()?;
+        std::fs::write(
+            dir.path().join("tokens"),
+            format!("# test tokens\n{TOKEN}\n"),
+        )?;
+        Ok(Shared { dir })
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+
+    fn revoked(&self) -> PathBuf {
+        self.data_dir().join("revoked")
+    }
+
+    async fn coordinator(&self, name: &str, lifetime: &str) -> Result<TestCoordinator> {
+        let mut opts = CoordinatorOptions::new(&[format!("http://127.0.0.1:{}", free_port()?)]);
+        opts.cluster_toml = Some(format!(
+            "name = \"{name}\"\ndata_dir = {}\nbootstrap_tokens_file = {}\ncert_lifetime = \"{lifetime}\"\nnode_ttl = \"30s\"",
+            q(&self.data_dir()),
+            q(&self.dir.path().join("tokens")),
+        ));
+        TestCoordinator::start(opts).await
+    }
+}
+
+/// An agent's control plane, stopped on drop.
+/// Fields drop in order: stop first, remove the state directory last.
+struct Node {
+    _stop: oneshot::Sender<()>,
+    cluster: Cluster,
+    _peer_socket: std::net::UdpSocket,
+    _state: TempDir,
+}
+
+impl std::ops::Deref for Node {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
+}
+
+fn node_config(
+    ip: &str,
+    name: &str,
+    coordinators: &[(&str, &TestCoordinator)],
+    token: &str,
+    state: &Path,
+    peer: SocketAddr,
+) -> Result<ClusterConfig> {
+    // One bundle with every front door's CA (each test coordinator made its own).
+    let bundle = state.join("front-door-ca.pem");
+    let mut pem = Vec::new();
+    for (_, c) in coordinators {
+        pem.extend_from_slice(c.ca_pem());
+    }
+    std::fs::write(&bundle, pem)?;
+    let _ = ip;
+    Ok(ClusterConfig {
+        node: NodeId::new(name)?,
+        zone: Zone::new("dc1/row1")?,
+        peer_listen: peer,
+        advertise: peer,
+        coordinators: coordinators
+            .iter()
+            .map(|(n, c)| {
+                Ok(CoordinatorAddr {
+                    name: NodeId::new(n)?,
+                    enroll_url: format!("https://127.0.0.1:{}", c.https_addr().port()),
+                    ctl_addr: c.cluster_addr().context("no cluster port")?.to_string(),
+                })
+            })
+            .collect::<Result<_>>()?,
+        bootstrap_token: Some(BootstrapToken::new(token)?),
+        front_door: FrontDoorTrust::CaFile(bundle),
+        state_dir: state.join("cluster"),
+        timers: ClusterTimers::default(),
+    })
+}
+
+async fn start_node_with(
+    ip: &str,
+    name: &str,
+    coordinators: &[(&str, &TestCoordinator)],
+    token: &str,
+) -> Result<std::result::Result<Node, ClusterError>> {
+    let state = tempfile::Builder::new().prefix("shoal-node-").tempdir()?;
+    // The peer port is only advertised here (the data plane binds it); hold it so nothing
+    // else takes it.
+    let peer_socket = std::net::UdpSocket::bind(format!("{ip}:0"))?;
+    let cfg = node_config(
+        ip,
+        name,
+        coordinators,
+        token,
+        state.path(),
+        peer_socket.local_addr()?,
+    )?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    Ok(Cluster::start(cfg, async move {
+        let _ = stopped.await;
+    })
+    .await
+    .map(|cluster| Node {
+        cluster,
+        _peer_socket: peer_socket,
+        _state: state,
+        _stop: stop,
+    }))
+}
+
+async fn start_node(
+    ip: &str,
+    name: &str,
+    coordinators: &[(&str, &TestCoordinator)],
+) -> Result<Node> {
+    let node = start_node_with(ip, name, coordinators, TOKEN)
+        .await?
+        .with_context(|| format!("starting node {name}"))?;
+    wait_until(
+        WAIT,
+        &format!("{name} is connected to every coordinator"),
+        || {
+            let n = node.connected_coordinators().len();
+            async move { n == coordinators.len() }
+        },
+    )
+    .await?;
+    Ok(node)
+}
+
+fn digest(i: u32) -> Digest {
+    Digest::sha256_of(format!("blob {i}").as_bytes())
+}
+
+fn id(s: &str) -> NodeId {
+    NodeId::new(s).unwrap()
+}
+
+/// A quinn endpoint on `ip` with `client` as its default client configuration.
+fn client_endpoint(ip: &str) -> Result<quinn::Endpoint> {
+    Ok(quinn::Endpoint::client(format!("{ip}:0").parse()?)?)
+}
+
+/// Opens a control session by hand: handshake, Hello, first answer. `Err` when anything
+/// along the way is refused.
+async fn ctl_attempt(
+    client: quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: &str,
+    hello: Hello,
+) -> Result<CoordMsg> {
+    let ep = client_endpoint("127.0.0.5")?;
+    let attempt = async {
+        let conn = ep.connect_with(client, addr, server_name)?.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&wire::encode(&AgentMsg::Hello(hello))?)
+            .await?;
+        let mut dec = Decoder::<CoordMsg>::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = recv.read(&mut buf).await?.context("stream ended")?;
+            let mut input = &buf[..n];
+            if let Some(m) = dec.decode(&mut input)? {
+                return Ok::<_, anyhow::Error>(m);
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .context("control attempt hung")?
+}
+
+fn hello(name: &str, peer: SocketAddr) -> Hello {
+    Hello {
+        node: id(name),
+        zone: Zone::default(),
+        version: PROTOCOL_VERSION,
+        peer_addr: peer,
+    }
+}
+
+fn quic_client(cfg: rustls::ClientConfig) -> Result<quinn::ClientConfig> {
+    Ok(quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(cfg)?,
+    )))
+}
+
+/// A node certificate for `name` (with the right identity URI and address) from a CA that is
+/// not the cluster's.
+fn foreign_identity(name: &str, ip: &str) -> Result<Arc<rustls::sign::CertifiedKey>> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        SanType,
+    };
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![name.to_owned()])?;
+    params.subject_alt_names.push(SanType::URI(
+        shoal_proto::enroll::node_uri(&id(name)).try_into()?,
+    ));
+    params
+        .subject_alt_names
+        .push(SanType::IpAddress(ip.parse()?));
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = params.signed_by(&key, &issuer)?;
+    let chain = vec![cert.der().clone(), ca.der().clone()];
+    let key = PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())?;
+    Ok(tls::certified_key(chain, key, &tls::provider())?)
+}
+
+/// A client configuration that trusts the real cluster CA for the server (so only the
+/// server's verdict on the client matters) and presents `identity` (or nothing).
+fn client_presenting(
+    cluster_ca: &[u8],
+    expect: Expect,
+    identity: Option<Arc<rustls::sign::CertifiedKey>>,
+    alpn: &[u8],
+) -> Result<quinn::ClientConfig> {
+    let trust = Arc::new(Trust::new(
+        tls::provider(),
+        CertificateDer::from(cluster_ca.to_vec()),
+    )?);
+    let slot = Arc::new(CertSlot::default());
+    if let Some(k) = identity {
+        slot.set(k);
+    }
+    let verifier = Arc::new(ClusterServerVerifier::new(
+        trust.clone(),
+        expect,
+        Arc::new(RefuseNone),
+    ));
+    quic_client(tls::client_config(&trust, verifier, slot, alpn)?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_announce_locate_and_one_origin_slot() -> Result<()> {
+    within(async {
+        let shared = Shared::new()?;
+        let coord = shared.coordinator("coord-a", "1h").await?;
+        let coords = [("coord-a", &coord)];
+        let a = start_node("127.0.0.2", "node-a", &coords).await?;
+        let b = start_node("127.0.0.3", "node-b", &coords).await?;
+        let c = start_node("127.0.0.4", "node-c", &coords).await?;
+        // The CA was created in the data directory, its key private.
+        let key_mode = std::fs::metadata(shared.data_dir().join("ca.key"))?;
+        use std::os::unix::fs::PermissionsExt as _;
+        ensure!(key_mode.permissions().mode() & 0o777 == 0o600);
+        ensure!(a.ca_certificate() == b.ca_certificate() && a.ca_certificate().is_some());
+
+        // Everyone wants blob 1 from the origin at once: exactly one gets the slot.
+        let d = digest(1);
+        let (ra, rb, rc) = tokio::join!(a.locate(&d, true), b.locate(&d, true), c.locate(&d, true));
+        let replies = [ra?, rb?, rc?];
+        let slots = replies.iter().filter(|r| r.origin).count();
+        ensure!(slots == 1, "{slots} origin slots granted: {replies:?}");
+        // A later locate by a suggests the two others (interested downloaders) as peers.
+        let again = a.locate(&d, false).await?;
+        let mut peers: Vec<String> = again.peers.iter().map(|p| p.node.to_string()).collect();
+        peers.sort();
+        ensure!(peers == ["node-b", "node-c"], "peers {peers:?}");
+        ensure!(
+            again
+                .peers
+                .iter()
+                .all(|p| p.addr.ip().to_string().starts_with("127.0.0.")),
+            "{again:?}"
+        );
+
+        // Announce: c holds blob 2; a finds it there.
+        let d2 = digest(2);
+        c.send(
+            &d2,
+            AgentMsg::Announce(Announce {
+                complete: vec![d2.clone()],
+                partial: vec![],
+            }),
+        );
+        poll_until(WAIT, "a finds node-c holding blob 2", || async {
+            let r = a.locate(&d2, false).await.ok()?;
+            r.peers.iter().any(|p| p.node == id("node-c")).then_some(r)
+        })
+        .await?;
+        let reply = b.locate(&d2, true).await?;
+        ensure!(!reply.origin, "a complete copy exists: no origin slot");
+        ensure!(reply.peers.iter().any(|p| p.node == id("node-c")));
+
+        // Metrics.
+        let m = |name: &'static str| coord.metric_sum(name, &[]);
+        ensure!(m("shoal_coordinator_cluster_nodes_connected").await? == 3.0);
+        ensure!(m("shoal_coordinator_cluster_origin_slots_granted_total").await? == 1.0);
+        ensure!(m("shoal_coordinator_cluster_locates_total").await? >= 5.0);
+        ensure!(
+            coord
+                .metric_sum(
+                    "shoal_coordinator_cluster_enrollments_total",
+                    &["result=\"issued\""]
+                )
+                .await?
+                == 3.0
+        );
+
+        // The peer channel with the configurations the data plane gets: b connects to a by
+        // name; both sides learn who the other is; the wrong name is refused.
+        let server = quinn::Endpoint::server(a.peer_server_config(), "127.0.0.2:0".parse()?)?;
+        let server_addr = server.local_addr()?;
+        // Accept whatever comes (the client decides on the name).
+        let accept = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Some(incoming) = server.accept().await {
+                conns.push(incoming.await);
+            }
+        });
+        let ep = client_endpoint("127.0.0.3")?;
+        let conn = ep
+            .connect_with(b.peer_client_config(), server_addr, "node-a")?
+            .await?;
+        ensure!(Cluster::peer_identity(&conn) == Some(id("node-a")));
+        let wrong = ep
+            .connect_with(b.peer_client_config(), server_addr, "node-c")?
+            .await;
+        ensure!(wrong.is_err(), "a certificate of node-a accepted as node-c");
+        accept.abort();
+        // The server side learns the client's name.
+        let server2 = quinn::Endpoint::server(a.peer_server_config(), "127.0.0.2:0".parse()?)?;
+        let addr2 = server2.local_addr()?;
+        let accept2 = tokio::spawn(async move {
+            let conn = server2.accept().await.context("endpoint closed")?.await?;
+            Ok::<_, anyhow::Error>((Cluster::peer_identity(&conn), server2))
+        });
+        let _conn2 = ep
+            .connect_with(b.peer_client_config(), addr2, "node-a")?
+            .await?;
+        let (who, _server2) = tokio::time::timeout(WAIT, accept2).await???;
+        ensure!(who == Some(id("node-b")), "server saw {who:?}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_replaces_the_certificate_before_expiry() -> Result<()> {
+    within(async {
+        let shared = Shared::new()?;
+        let coord = shared.coordinator("coord-a", "6s").await?;
+        let coords = [("coord-a", &coord)];
+        let a = start_node("127.0.0.2", "node-a", &coords).await?;
+        let (serial, not_after) = a.certificate().context("no certificate")?;
+        let renewed = poll_until(WAIT, "the certificate is renewed", || async {
+            a.certificate().filter(|(s, _)| *s != serial)
+        })
+        .await?;
+        let now = std::time::SystemTime::now();
+        ensure!(
+            now < not_after,
+            "renewed only after the old certificate expired"
+        );
+        ensure!(renewed.1 > not_after);
+        // Past the first certificate's end, the session still works (with the new one).
+        tokio::time::sleep(
+            not_after.duration_since(now).unwrap_or_default() + Duration::from_secs(1),
+        )
+        .await;
+        // That sleep waits for wall-clock expiry, not for an event; everything after is polled.
+        let r = poll_until(
+            WAIT,
+            "locate works after the first certificate expired",
+            || async { a.locate(&digest(7), false).await.ok() },
+        )
+        .await?;
+        ensure!(r.digest == digest(7));
+        // Renewed over the control channel, not by enrolling again.
+        ensure!(
+            coord
+                .metric_sum(
+                    "shoal_coordinator_cluster_renewals_total",
+                    &["result=\"issued\""]
+                )
+                .await?
+                >= 1.0
+        );
+        ensure!(
+            coord
+                .metric_sum("shoal_coordinator_cluster_enrollments_total", &[])
+                .await?
+                == 1.0
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_missing_and_revoked_certificates_are_refused() -> Result<()> {
+    within(async {
+        let shared = Shared::new()?;
+        let coord = shared.coordinator("coord-a", "1h").await?;
+        let coords = [("coord-a", &coord)];
+        let ctl = coord.cluster_addr().context("no cluster port")?;
+        let a = start_node("127.0.0.2", "node-a", &coords).await?;
+        let b = start_node("127.0.0.3", "node-b", &coords).await?;
+        let ca = a.ca_certificate().context("no cluster CA")?;
+        let peer: SocketAddr = "127.0.0.5:7000".parse()?;
+
+        // Control channel: a certificate from another CA, or none, gets no session.
+        let foreign = foreign_identity("node-x", "127.0.0.5")?;
+        for (what, identity) in [
+            ("foreign CA", Some(foreign.clone())),
+            ("no certificate", None),
+        ] {
+            let cfg = client_presenting(&ca, Expect::Coordinator, identity, ALPN_CTL)?;
+            let r = ctl_attempt(cfg, ctl, "coord-a", hello("node-x", peer)).await;
+            ensure!(r.is_err(), "{what}: the control channel answered {r:?}");
+        }
+        // A client that does not trust the cluster CA refuses the coordinator too.
+        let mut other_ca = Vec::new();
+        let fk = foreign_identity("node-y", "127.0.0.5")?;
+        other_ca.extend_from_slice(fk.cert[1].as_ref());
+        let cfg = client_presenting(&other_ca, Expect::Coordinator, Some(fk), ALPN_CTL)?;
+        ensure!(
+            ctl_attempt(cfg, ctl, "coord-a", hello("node-y", peer))
+                .await
+                .is_err()
+        );
+
+        // Peer channel: a's peer server refuses a foreign certificate and no certificate.
+        let server = quinn::Endpoint::server(a.peer_server_config(), "127.0.0.2:0".parse()?)?;
+        let server_addr = server.local_addr()?;
+        let accepting = tokio::spawn(async move {
+            let mut outcomes = Vec::new();
+            for _ in 0..2 {
+                let Some(incoming) = server.accept().await else {
+                    break;
+                };
+                outcomes.push(incoming.await.is_ok());
+            }
+            outcomes
+        });
+        for identity in [Some(foreign.clone()), None] {
+            let cfg = client_presenting(&ca, Expect::Node, identity, ALPN_PEER)?;
+            let ep = client_endpoint("127.0.0.5")?;
+            let attempt = async {
+                let conn = ep.connect_with(cfg, server_addr, "node-a")?.await?;
+                let (mut s, mut r) = conn.open_bi().await?;
+                s.write_all(b"x").await?;
+                let mut buf = [0u8; 1];
+                r.read(&mut buf).await?;
+                Ok::<_, anyhow::Error>(())
+            };
+            let r = tokio::time::timeout(Duration::from_secs(10), attempt).await;
+            ensure!(!matches!(r, Ok(Ok(()))), "a peer accepted a bad client");
+        }
+        let outcomes = tokio::time::timeout(WAIT, accepting).await??;
+        ensure!(
+            outcomes.iter().all(|ok| !ok),
+            "server accepted: {outcomes:?}"
+        );
+
+        // Revocation: b's session is closed, b cannot come back, and a is told to refuse b.
+        let revoked = shoal_coordinator::cluster::revoke::edit(
+            &shared.revoked(),
+            Some(&id("node-b")),
+            None,
+            true,
+        )?;
+        ensure!(revoked);
+        wait_until(WAIT, "a refuses node-b", || async {
+            a.is_refused(&id("node-b"))
+        })
+        .await?;
+        wait_until(WAIT, "node-b is disconnected", || async {
+            b.connected_coordinators().is_empty()
+        })
+        .await?;
+        ensure!(b.locate(&digest(3), false).await.is_err());
+        // ... and stays out (its reconnection attempts are refused at the handshake).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        ensure!(b.connected_coordinators().is_empty());
+        // A revoked node may not enroll again either.
+        let again = start_node_with("127.0.0.3", "node-b", &coords, TOKEN).await?;
+        match again {
+            Err(ClusterError::EnrollRefused { code, .. }) => {
+                ensure!(code == EnrollErrorCode::Revoked, "{code:?}")
+            }
+            other => bail!("a revoked node enrolled again: {:?}", other.map(|_| ())),
+        }
+        // a's peer server now refuses b's (still unexpired) certificate.
+        let server = quinn::Endpoint::server(a.peer_server_config(), "127.0.0.2:0".parse()?)?;
+        let server_addr = server.local_addr()?;
+        let accept = tokio::spawn(async move {
+            let r = match server.accept().await {
+                Some(i) => i.await.is_ok(),
+                None => false,
+            };
+            (r, server)
+        });
+        let ep = client_endpoint("127.0.0.3")?;
+        let attempt = async {
+            let conn = ep
+                .connect_with(b.peer_client_config(), server_addr, "node-a")?
+                .await?;
+            let (mut s, mut r) = conn.open_bi().await?;
+            s.write_all(b"x").await?;
+            let mut buf = [0u8; 1];
+            r.read(&mut buf).await?;
+            Ok::<_, anyhow::Error>(())
+        };
+        let r = tokio::time::timeout(Duration::from_secs(10), attempt).await;
+        ensure!(!matches!(r, Ok(Ok(()))), "a revoked peer was accepted");
+        let (accepted, _server) = tokio::time::timeout(WAIT, accept).await??;
+        ensure!(!accepted, "the peer server accepted a revoked node");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_refused_and_never_logged() -> Result<()> {
+    within(async {
+        let shared = Shared::new()?;
+        let coord = shared.coordinator("coord-a", "1h").await?;
+        let coords = [("coord-a", &coord)];
+        let wrong = "wrong-token-do-not-log-me-42";
+        match start_node_with("127.0.0.2", "node-a", &coords, wrong).await? {
+            Err(e @ ClusterError::EnrollRefused { code, .. }) => {
+                ensure!(code == EnrollErrorCode::Unauthorized, "{code:?}");
+                ensure!(!e.to_string().contains(wrong), "{e}");
+            }
+            other => bail!("enrolled with a wrong token: {:?}", other.map(|_| ())),
+        }
+        // By hand: 401 with a JSON error, 400 for garbage, 405 for GET.
+        let http = coord.client()?;
+        let body = serde_json::json!({
+            "token": wrong, "node": "node-z", "zone": "", "addrs": ["127.0.0.9"],
+            "csr_pem": "-----BEGIN CERTIFICATE REQUEST-----\nAA==\n-----END CERTIFICATE REQUEST-----",
+        });
+        let r = http
+            .post(coord.url(shoal_proto::enroll::ENROLL_PATH))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await?;
+        ensure!(r.status() == 401, "{}", r.status());
+        let text = r.text().await?;
+        ensure!(text.contains("unauthorized") && !text.contains(wrong), "{text}");
+        let r = http
+            .post(coord.url(shoal_proto::enroll::ENROLL_PATH))
+            .body("{not json")
+            .send()
+            .await?;
+        ensure!(r.status() == 400, "{}", r.status());
+        let r = http
+            .get(coord.url(shoal_proto::enroll::ENROLL_PATH))
+            .send()
+            .await?;
+        ensure!(r.status() == 405, "{}", r.status());
+        // The access log names the path, never the token.
+        wait_until(WAIT, "the access log has the enrollment lines", || async {
+            coord
+                .access_log()
+                .iter()
+                .filter(|l| l.contains("/shoal/v1/enroll"))
+                .count()
+                >= 3
+        })
+        .await?;
+        let log = coord.access_log().join("\n");
+        ensure!(!log.contains(wrong), "token in the access log");
+        ensure!(
+            coord
+                .metric_sum("shoal_coordinator_cluster_enrollments_total", &["result=\"bad_token\""])
+                .await?
+                >= 2.0
+        );
+        // The right token still works.
+        let a = start_node("127.0.0.2", "node-a", &coords).await?;
+        ensure!(a.certificate().is_some());
+        Ok(())
+    })
+    .await
+}
+
+async fn locates(c: &TestCoordinator) -> Result<f64> {
+    c.metric_sum("shoal_coordinator_cluster_locates_total", &[])
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_split_digests_and_fail_over() -> Result<()> {
+    within(async {
+        let shared = Shared::new()?;
+        let coord_a = shared.coordinator("coord-a", "1h").await?;
+        // Same data directory: the same CA, created by the first.
+        let coord_b = shared.coordinator("coord-b", "1h").await?;
+        let names = ["coord-a", "coord-b"];
+        let coords = [("coord-a", &coord_a), ("coord-b", &coord_b)];
+        let x = start_node("127.0.0.2", "node-x", &coords).await?;
+        let y = start_node("127.0.0.3", "node-y", &coords).await?;
+
+        // A digest owned by each coordinator.
+        let find = |want: usize| {
+            (0..1000)
+                .map(digest)
+                .find(|d| owner_coordinator(d, &names) == Some(want))
+                .context("no digest for that coordinator")
+        };
+        let (da, db) = (find(0)?, find(1)?);
+        let inventory = Announce {
+            complete: vec![da.clone(), db.clone()],
+            partial: vec![],
+        };
+        y.set_inventory(Arc::new(move || inventory.clone()));
+
+        let holds = |d: Digest| {
+            let x = &x;
+            async move {
+                x.locate(&d, false)
+                    .await
+                    .ok()
+                    .filter(|r| r.peers.iter().any(|p| p.node == id("node-y")))
+            }
+        };
+        poll_until(WAIT, "x finds y for coord-a's digest", || holds(da.clone())).await?;
+        poll_until(WAIT, "x finds y for coord-b's digest", || holds(db.clone())).await?;
+        let (la, lb) = (locates(&coord_a).await?, locates(&coord_b).await?);
+        ensure!(la >= 1.0 && lb >= 1.0, "locates a={la} b={lb}");
+        // Each digest went to its owner only.
+        x.locate(&da, false).await?;
+        ensure!(locates(&coord_a).await? == la + 1.0);
+        ensure!(locates(&coord_b).await? == lb);
+
+        // coord-a goes away: its digests move to coord-b, where y re-announced them.
+        let killed = Instant::now();
+        coord_a.stop().await?;
+        let r = poll_until(WAIT, "x finds y for coord-a's digest at coord-b", || {
+            holds(da.clone())
+        })
+        .await?;
+        let took = killed.elapsed();
+        ensure!(took < Duration::from_secs(10), "failover took {took:?}");
+        ensure!(r.digest == da);
+        ensure!(locates(&coord_b).await? > lb);
+        ensure!(x.connected_coordinators() == vec![id("coord-b")]);
+        // With no coordinator at all, locate fails fast.
+        coord_b.stop().await?;
+        wait_until(WAIT, "x sees no coordinator", || async {
+            x.connected_coordinators().is_empty()
+        })
+        .await?;
+        let t = Instant::now();
+        let r = x.locate(&db, true).await;
+        ensure!(matches!(r, Err(ClusterError::Unavailable)), "{r:?}");
+        ensure!(
+            t.elapsed() <= Duration::from_secs(2),
+            "took {:?}",
+            t.elapsed()
+        );
+        Ok(())
+    })
+    .await
+}
