@@ -22,6 +22,7 @@
 
 pub mod agent;
 pub mod coordinator;
+pub mod garage;
 pub mod http;
 pub mod image;
 pub mod net;

@@ -40,7 +40,40 @@ pub struct RegistryBuilder {
     storage: Option<Arc<Storage>>,
     secret: Option<String>,
     htpasswd: Option<PathBuf>,
+    s3: Option<S3Storage>,
     ready_timeout: Duration,
+}
+
+/// `storage.s3` for a registry on S3-compatible object storage (e.g. [`crate::garage`]),
+/// instead of the default filesystem storage.
+#[derive(Debug, Clone)]
+pub struct S3Storage {
+    /// `regionendpoint`, e.g. `http://127.0.0.1:3900`. Presigned URLs name this host.
+    pub region_endpoint: String,
+    pub bucket: String,
+    pub access_key: String,
+    pub secret_key: String,
+    pub region: String,
+    /// `rootdirectory` inside the bucket.
+    pub root_directory: String,
+    /// Answer blob GETs with a 307 to a presigned storage URL (`storage.redirect.disable:
+    /// false`) rather than streaming the bytes through the registry.
+    pub redirect: bool,
+}
+
+impl S3Storage {
+    /// Storage in `bucket` reached at `region_endpoint`, under `/registry`, with redirects.
+    pub fn new(region_endpoint: &str, bucket: &crate::garage::S3Bucket) -> S3Storage {
+        S3Storage {
+            region_endpoint: region_endpoint.to_owned(),
+            bucket: bucket.bucket.clone(),
+            access_key: bucket.access_key.clone(),
+            secret_key: bucket.secret_key.clone(),
+            region: bucket.region.clone(),
+            root_directory: "/registry".to_owned(),
+            redirect: true,
+        }
+    }
 }
 
 impl Default for RegistryBuilder {
@@ -51,6 +84,7 @@ impl Default for RegistryBuilder {
             storage: None,
             secret: None,
             htpasswd: None,
+            s3: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
         }
     }
@@ -93,6 +127,12 @@ impl RegistryBuilder {
         self
     }
 
+    /// Stores blobs and manifests in S3-compatible object storage instead of a directory.
+    pub fn s3(mut self, storage: S3Storage) -> Self {
+        self.s3 = Some(storage);
+        self
+    }
+
     /// Overrides how long start and restart wait for `GET /v2/` (default 20 s).
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
         self.ready_timeout = timeout;
@@ -128,6 +168,7 @@ impl RegistryBuilder {
             storage,
             secret,
             htpasswd: self.htpasswd,
+            s3: self.s3,
             addr: SocketAddr::new(self.ip, 0),
             ready_timeout: self.ready_timeout,
             child: None,
@@ -171,6 +212,7 @@ pub struct Registry {
     storage: Arc<Storage>,
     secret: String,
     htpasswd: Option<PathBuf>,
+    s3: Option<S3Storage>,
     addr: SocketAddr,
     config_path: PathBuf,
     stdout_path: PathBuf,
@@ -198,6 +240,7 @@ impl Registry {
             storage: Some(self.storage.clone()),
             secret: Some(self.secret.clone()),
             htpasswd: self.htpasswd.clone(),
+            s3: self.s3.clone(),
             ready_timeout: self.ready_timeout,
         }
         .start()
@@ -228,6 +271,11 @@ impl Registry {
 
     pub fn config_path(&self) -> &Path {
         &self.config_path
+    }
+
+    /// The process id while it runs (e.g. to read its CPU time from `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
     }
 
     /// Whether the process has been started and not stopped. A crashed process still counts
@@ -291,13 +339,30 @@ impl Registry {
             .dir
             .to_str()
             .context("registry storage path is not UTF-8")?;
+        let driver = match &self.s3 {
+            None => format!("  filesystem:\n    rootdirectory: {}\n", quote(root)),
+            // Every value quoted: an all-digit secret would otherwise become a YAML number and
+            // every signature would be wrong (403 `Invalid signature`).
+            Some(s3) => format!(
+                "  s3:\n    accesskey: {}\n    secretkey: {}\n    region: {}\n    \
+                 regionendpoint: {}\n    bucket: {}\n    rootdirectory: {}\n    \
+                 secure: {}\n    v4auth: true\n  redirect:\n    disable: {}\n",
+                quote(&s3.access_key),
+                quote(&s3.secret_key),
+                quote(&s3.region),
+                quote(&s3.region_endpoint),
+                quote(&s3.bucket),
+                quote(&s3.root_directory),
+                s3.region_endpoint.starts_with("https://"),
+                !s3.redirect,
+            ),
+        };
         let mut config = format!(
             "version: 0.1\n\
              log:\n  level: info\n  formatter: text\n  accesslog:\n    disabled: false\n\
-             storage:\n  filesystem:\n    rootdirectory: {root}\n  delete:\n    enabled: true\n\
+             storage:\n{driver}  delete:\n    enabled: true\n\
              \x20 maintenance:\n    uploadpurging:\n      enabled: false\n\
              http:\n  addr: {addr}\n  secret: {secret}\n",
-            root = quote(root),
             addr = quote(&self.addr.to_string()),
             // Quoted: an all-digit secret would otherwise become a YAML number.
             secret = quote(&self.secret),
