@@ -845,6 +845,84 @@ mod tests {
         Config::from_toml(&embedded, &Overrides::default(), None).unwrap();
     }
 
+    /// The commented `[cluster]` example of a deploy file, uncommented.
+    pub(crate) fn cluster_example(file: &str) -> String {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../deploy")
+            .join(file);
+        let text = std::fs::read_to_string(path).unwrap();
+        let start = text.find("# --- [cluster] example begin").unwrap();
+        let end = text.find("# --- [cluster] example end").unwrap();
+        text[start..end]
+            .lines()
+            .skip(1)
+            .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l)))
+            .collect()
+    }
+
+    #[test]
+    fn cluster_section_parses_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "s3cret-bootstrap-token-xyz\n").unwrap();
+        let example = cluster_example("agent.toml")
+            .replace("/etc/shoal/bootstrap-token", &token.display().to_string());
+        let c = load(&format!("{MINIMAL}\n{example}")).unwrap();
+        let cl = c.cluster.expect("cluster configured");
+        assert_eq!(cl.node.as_str(), "node-17");
+        assert_eq!(cl.zone.as_str(), "dc1/row4/rack12");
+        assert_eq!(cl.advertise.to_string(), "10.0.4.17:7470");
+        assert_eq!(cl.coordinators.len(), 2);
+        assert_eq!(cl.coordinators[1].ctl_addr, "registry-b.example.com:7471");
+        assert!(matches!(cl.front_door, FrontDoorTrust::Pin(_)));
+        assert_eq!(cl.timers.locate_timeout, Duration::from_secs(2));
+        assert!(load(MINIMAL).unwrap().cluster.is_none());
+
+        let base = format!(
+            "{MINIMAL}\n[cluster]\nnode_name = \"n1\"\npeer_listen = \"127.0.0.2:7470\"\nbootstrap_token_file = {:?}\n",
+            token.display()
+        );
+        let coord = "[[cluster.coordinator]]\nname = \"c1\"\nenroll_url = \"https://c1.example\"\nctl_addr = \"c1.example:7471\"\n";
+        let c = load(&format!("{base}{coord}")).unwrap().cluster.unwrap();
+        assert_eq!(c.advertise.to_string(), "127.0.0.2:7470");
+        assert_eq!(
+            c.state_dir,
+            PathBuf::from(DEFAULT_STORE_ROOT).join("cluster")
+        );
+        assert!(c.bootstrap_token.is_some());
+        assert!(!format!("{c:?}").contains("s3cret"));
+        let cases = [
+            (base.clone(), "at least one [[cluster.coordinator]]"),
+            (base.replace("n1", "-bad"), "DNS-style"),
+            (
+                base.replace("127.0.0.2:7470", "0.0.0.0:7470") + coord,
+                "advertise_addr",
+            ),
+            (format!("{base}{coord}{coord}"), "listed twice"),
+            (
+                format!("{base}{}", coord.replace("https://", "http://")),
+                "https://",
+            ),
+            (
+                format!("{base}{}", coord.replace("c1.example:7471", "c1.example")),
+                "host:port",
+            ),
+            (format!("{base}ca_pin = \"sha256:abc\"\n{coord}"), "ca_pin"),
+            (format!("{base}zone = \"a//b\"\n{coord}"), "zone"),
+        ];
+        for (text, want) in cases {
+            let err = load(&text).expect_err(&text).to_string();
+            assert!(err.contains(want), "got {err:?}, want {want:?}");
+            assert!(!err.contains("s3cret"), "{err}");
+        }
+        std::fs::write(&token, "short\n").unwrap();
+        let err = load(&format!("{base}{coord}")).unwrap_err().to_string();
+        assert!(
+            err.contains("bootstrap token") && !err.contains("short"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn password_is_not_in_debug_output() {
         let c = load(

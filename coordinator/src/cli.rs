@@ -1,4 +1,5 @@
-//! The command line: `serve`, `user add|remove|list` and `cert init`. The binary calls
+//! The command line: `serve`, `user add|remove|list`, `cert init`, `node revoke|unrevoke|
+//! list-revoked` and `cluster token|pin`. The binary calls
 //! [`main`]; everything else is here. Exit codes: 0 success, 1 failure, 2 bad configuration
 //! or usage.
 
@@ -40,6 +41,59 @@ pub enum Command {
     /// Manage TLS certificates.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Revoke and list cluster nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// Cluster enrollment helpers: bootstrap tokens, the front door pin.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Revoke a node (all its certificates; it may not enroll again) or one certificate by
+    /// serial. Running coordinators apply it within a second; copy the file to every
+    /// coordinator of the cluster.
+    Revoke(RevokeArgs),
+    /// Undo a revocation.
+    Unrevoke(RevokeArgs),
+    /// Print the revocation list.
+    ListRevoked {
+        /// Revocation list file [default: revoked in the cluster data directory].
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// The revocation list (the `[cluster] revoked_file`, by default `revoked` in the
+    /// cluster data directory).
+    #[arg(long, value_name = "FILE")]
+    pub file: PathBuf,
+    /// The node name.
+    #[arg(required_unless_present = "serial")]
+    pub name: Option<String>,
+    /// One certificate's serial number (hex) instead of a whole node.
+    #[arg(long, value_name = "HEX")]
+    pub serial: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Generate a bootstrap token and append it to the token file (created with mode 0600).
+    Token {
+        /// The `[cluster] bootstrap_tokens_file`.
+        #[arg(long, value_name = "FILE")]
+        file: PathBuf,
+    },
+    /// Print the `ca_pin` agents can use to trust the front door when enrolling: the
+    /// SHA-256 of the public key of a CA certificate (e.g. the `ca.crt` of `cert init`).
+    Pin {
+        /// CA certificate, PEM.
+        #[arg(value_name = "CA_CERT")]
+        cert: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -138,6 +192,10 @@ pub enum CliError {
     ReadPassword(io::Error),
     #[error("cannot write output: {0}")]
     Output(io::Error),
+    #[error(transparent)]
+    Revoke(#[from] crate::cluster::revoke::RevokeError),
+    #[error("{0}")]
+    Cluster(String),
 }
 
 impl CliError {
@@ -287,7 +345,67 @@ pub fn run(cli: Cli, out: &mut dyn Write) -> Result<(), CliError> {
             out.write_all(certs::client_instructions(&report, args.port).as_bytes())
                 .map_err(CliError::Output)
         }
+        Command::Node(NodeCommand::Revoke(args)) => revoke(args, true, out),
+        Command::Node(NodeCommand::Unrevoke(args)) => revoke(args, false, out),
+        Command::Node(NodeCommand::ListRevoked { file }) => {
+            let set = crate::cluster::revoke::RevokedSet::load(&file)?;
+            for n in &set.nodes {
+                writeln!(out, "node\t{n}").map_err(CliError::Output)?;
+            }
+            for s in &set.serials {
+                writeln!(out, "serial\t{s}").map_err(CliError::Output)?;
+            }
+            Ok(())
+        }
+        Command::Cluster(ClusterCommand::Token { file }) => {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            let token = crate::cluster::tokens::generate();
+            let mut f = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .mode(0o600)
+                .open(&file)
+                .map_err(|e| CliError::Cluster(format!("{}: {e}", file.display())))?;
+            writeln!(f, "{token}")
+                .map_err(|e| CliError::Cluster(format!("{}: {e}", file.display())))?;
+            // Printed once, for the operator to hand to new nodes.
+            writeln!(out, "{token}").map_err(CliError::Output)
+        }
+        Command::Cluster(ClusterCommand::Pin { cert }) => {
+            use rustls_pki_types::pem::PemObject as _;
+            let der = rustls_pki_types::CertificateDer::from_pem_file(&cert)
+                .map_err(|e| CliError::Cluster(format!("{}: {e}", cert.display())))?;
+            let pin = shoal_agent::cluster::spki_pin(&der)
+                .map_err(|e| CliError::Cluster(format!("{}: {e}", cert.display())))?;
+            writeln!(out, "sha256:{}", hex::encode(pin)).map_err(CliError::Output)
+        }
     }
+}
+
+fn revoke(args: RevokeArgs, revoke: bool, out: &mut dyn Write) -> Result<(), CliError> {
+    let node = args
+        .name
+        .as_deref()
+        .map(|n| {
+            shoal_proto::msg::NodeId::new(n)
+                .map_err(|e| CliError::Cluster(format!("node name {n:?}: {e}")))
+        })
+        .transpose()?;
+    let changed =
+        crate::cluster::revoke::edit(&args.file, node.as_ref(), args.serial.as_deref(), revoke)?;
+    let what = match (&node, &args.serial) {
+        (Some(n), Some(s)) => format!("node {n} and serial {s}"),
+        (Some(n), None) => format!("node {n}"),
+        (None, Some(s)) => format!("serial {s}"),
+        (None, None) => String::new(),
+    };
+    let verb = match (revoke, changed) {
+        (true, true) => "revoked",
+        (false, true) => "no longer revoked:",
+        (true, false) => "already revoked:",
+        (false, false) => "was not revoked:",
+    };
+    writeln!(out, "{verb} {what} ({})", args.file.display()).map_err(CliError::Output)
 }
 
 /// From stdin's first line with `--password-stdin`, else from a no-echo prompt on a terminal.
@@ -373,6 +491,51 @@ mod tests {
         assert_eq!(read_line(&mut &b""[..]).unwrap(), b"");
         let long = vec![b'x'; 5000];
         assert!(read_line(&mut &long[..]).is_err());
+    }
+
+    #[test]
+    fn node_revoke_and_cluster_helpers() {
+        let dir = tempfile::tempdir().unwrap();
+        let revoked = dir.path().join("revoked");
+        let file = revoked.to_str().unwrap();
+        let run_args = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap();
+            let mut out = Vec::new();
+            run(cli, &mut out).map(|()| String::from_utf8(out).unwrap())
+        };
+        let out = run_args(&["c", "node", "revoke", "--file", file, "node-7"]).unwrap();
+        assert!(out.starts_with("revoked node node-7"), "{out}");
+        let out = run_args(&["c", "node", "revoke", "--file", file, "--serial", "0aBc"]).unwrap();
+        assert!(out.starts_with("revoked serial"), "{out}");
+        let out = run_args(&["c", "node", "list-revoked", "--file", file]).unwrap();
+        assert_eq!(out, "node\tnode-7\nserial\tabc\n".replace("abc", "0abc"));
+        let out = run_args(&["c", "node", "unrevoke", "--file", file, "node-7"]).unwrap();
+        assert!(out.starts_with("no longer revoked"), "{out}");
+        assert!(run_args(&["c", "node", "revoke", "--file", file, "bad name"]).is_err());
+
+        let tokens = dir.path().join("tokens");
+        let t = run_args(&["c", "cluster", "token", "--file", tokens.to_str().unwrap()]).unwrap();
+        let t = t.trim();
+        assert_eq!(t.len(), 64);
+        let token = shoal_proto::enroll::BootstrapToken::new(t).unwrap();
+        assert!(crate::cluster::tokens::check(&tokens, &token).unwrap());
+
+        let tls = dir.path().join("tls");
+        certs::cert_init(&CertInitOptions {
+            hosts: vec!["reg.example".into()],
+            ips: vec![],
+            out_dir: tls.clone(),
+            server_days: 1,
+            ca_days: 1,
+            force: false,
+            reuse_ca: false,
+        })
+        .unwrap();
+        let pin = run_args(&["c", "cluster", "pin", tls.join("ca.crt").to_str().unwrap()]).unwrap();
+        assert!(
+            pin.starts_with("sha256:") && pin.trim().len() == 7 + 64,
+            "{pin}"
+        );
     }
 
     #[test]

@@ -1129,6 +1129,56 @@ mod tests {
     }
 
     #[test]
+    fn cluster_section_parses_and_is_checked() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/coordinator.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let start = text.find("# --- [cluster] example begin").unwrap();
+        let end = text.find("# --- [cluster] example end").unwrap();
+        let example: String = text[start..end]
+            .lines()
+            .skip(1)
+            .map(|l| format!("{}\n", l.strip_prefix("# ").unwrap_or(l)))
+            .collect();
+        let c = load(&format!("{MINIMAL}\n{example}")).unwrap();
+        let cl = c.cluster.expect("cluster configured");
+        assert_eq!(cl.name.as_str(), "coord-a");
+        assert_eq!(cl.listen.to_string(), "0.0.0.0:7471");
+        assert_eq!(cl.cert_lifetime, Duration::from_secs(24 * 3600));
+        assert_eq!(
+            cl.revoked_file,
+            PathBuf::from("/var/lib/shoal/coordinator/cluster/revoked")
+        );
+        assert_eq!(cl.tracker.origin_slots_per_blob, 1);
+        assert_eq!(cl.tracker.quarantine, Duration::from_secs(600));
+        assert!(load(MINIMAL).unwrap().cluster.is_none());
+
+        let base = format!("{MINIMAL}\n[cluster]\nname = \"c1\"\n");
+        let tokens = "bootstrap_tokens_file = \"/etc/t\"\n";
+        let cases = [
+            (base.clone(), "bootstrap_tokens_file is required"),
+            (
+                format!("{base}{tokens}cert_lifetime = \"1s\"\n"),
+                "cert_lifetime",
+            ),
+            (
+                format!("{base}{tokens}origin_slots_per_blob = 0\n"),
+                "origin_slots_per_blob",
+            ),
+            (format!("{base}{tokens}max_peers = 1000\n"), "max_peers"),
+            (
+                format!("{base}{tokens}seeder_stall = \"0s\"\n"),
+                "seeder_stall",
+            ),
+            (base.replace("c1", "bad name") + tokens, "DNS-style"),
+            (format!("{base}{tokens}bogus = 1\n"), "unknown field"),
+        ];
+        for (text, want) in cases {
+            let err = load(&text).expect_err(&text).to_string();
+            assert!(err.contains(want), "got {err:?}, want {want:?}");
+        }
+    }
+
+    #[test]
     fn password_is_not_in_debug_output() {
         let c = load(&MINIMAL.replace(
             "host = \"registry.example.com\"",

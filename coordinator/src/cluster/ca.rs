@@ -257,3 +257,195 @@ impl ClusterCa {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rcgen::{CertificateParams, KeyPair, SanType};
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::server::danger::ClientCertVerifier;
+    use rustls_pki_types::{ServerName, UnixTime};
+    use shoal_agent::cluster::tls::{
+        ClusterServerVerifier, Expect, NodeClientVerifier, Refusals, RefuseNone, Trust, cert_info,
+        provider,
+    };
+    use shoal_proto::enroll::Identity;
+
+    use super::*;
+
+    fn id(s: &str) -> NodeId {
+        NodeId::new(s).unwrap()
+    }
+
+    /// A CSR that asks for names the CA must not grant.
+    fn greedy_csr() -> Vec<u8> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec!["evil.example".to_owned()]).unwrap();
+        params.subject_alt_names.push(SanType::URI(
+            coordinator_uri(&id("coord-a")).try_into().unwrap(),
+        ));
+        params.serialize_request(&key).unwrap().der().to_vec()
+    }
+
+    struct Denied;
+    impl Refusals for Denied {
+        fn is_refused(&self, node: &NodeId, _serial: &str) -> bool {
+            node.as_str() == "node-1"
+        }
+    }
+
+    fn at(t: SystemTime) -> UnixTime {
+        UnixTime::since_unix_epoch(t.duration_since(UNIX_EPOCH).unwrap())
+    }
+
+    #[test]
+    fn node_certificates_carry_only_what_the_ca_decides() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::load_or_create(&dir.path().join("ca")).unwrap();
+        let mode = std::fs::metadata(dir.path().join("ca/ca.key")).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(mode.permissions().mode() & 0o777, 0o600);
+        // Loading again gives the same CA.
+        let again = ClusterCa::load_or_create(&dir.path().join("ca")).unwrap();
+        assert_eq!(again.cert_der(), ca.cert_der());
+
+        let ips: Vec<IpAddr> = vec!["10.0.0.7".parse().unwrap()];
+        let issued = ca
+            .issue_node(
+                &greedy_csr(),
+                &id("node-1"),
+                &ips,
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let info = cert_info(&issued.der).unwrap();
+        assert_eq!(info.identity, Some(Identity::Node(id("node-1"))));
+        assert_eq!(info.ips, ips);
+        assert_eq!(info.serial, issued.serial);
+        let life = info.not_after.duration_since(info.not_before).unwrap();
+        assert!(life >= Duration::from_secs(3600) && life <= Duration::from_secs(3600 + 301));
+        let der = issued.der.as_ref();
+        assert!(!der.windows(12).any(|w| w == b"evil.example"));
+        assert!(!der.windows(11).any(|w| w == b"coordinator"));
+
+        // A tampered CSR (signature no longer verifies) is refused.
+        let mut bad = greedy_csr();
+        let n = bad.len();
+        bad[n - 5] ^= 0xff;
+        assert!(matches!(
+            ca.issue_node(&bad, &id("node-1"), &ips, Duration::from_secs(60)),
+            Err(IssueError::BadCsr)
+        ));
+        assert!(matches!(
+            ca.issue_node(b"junk", &id("node-1"), &ips, Duration::from_secs(60)),
+            Err(IssueError::BadCsr)
+        ));
+    }
+
+    #[test]
+    fn verifiers_check_chain_expiry_identity_and_revocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ClusterCa::load_or_create(&dir.path().join("ca")).unwrap();
+        let other = ClusterCa::load_or_create(&dir.path().join("other")).unwrap();
+        let trust = Arc::new(Trust::new(provider(), ca.cert_der().clone()).unwrap());
+        let ips: Vec<IpAddr> = vec!["10.0.0.7".parse().unwrap()];
+        let leaf = ca
+            .issue_node(&greedy_csr(), &id("node-2"), &ips, Duration::from_secs(60))
+            .unwrap();
+        let foreign = other
+            .issue_node(&greedy_csr(), &id("node-2"), &ips, Duration::from_secs(60))
+            .unwrap();
+        let now = SystemTime::now();
+
+        let clients = NodeClientVerifier::new(trust.clone(), Arc::new(RefuseNone));
+        assert!(clients.verify_client_cert(&leaf.der, &[], at(now)).is_ok());
+        assert!(
+            clients
+                .verify_client_cert(&foreign.der, &[], at(now))
+                .is_err()
+        );
+        // Expired (and not yet valid).
+        let later = leaf.not_after + Duration::from_secs(1);
+        assert!(
+            clients
+                .verify_client_cert(&leaf.der, &[], at(later))
+                .is_err()
+        );
+        let earlier = now - Duration::from_secs(3600);
+        assert!(
+            clients
+                .verify_client_cert(&leaf.der, &[], at(earlier))
+                .is_err()
+        );
+        // Revoked.
+        let strict = NodeClientVerifier::new(trust.clone(), Arc::new(Denied));
+        let revoked = ca
+            .issue_node(&greedy_csr(), &id("node-1"), &ips, Duration::from_secs(60))
+            .unwrap();
+        assert!(strict.verify_client_cert(&leaf.der, &[], at(now)).is_ok());
+        assert!(
+            strict
+                .verify_client_cert(&revoked.der, &[], at(now))
+                .is_err()
+        );
+
+        // Servers: a peer by its exact node name; a coordinator by its name; never one for the
+        // other.
+        let peers = ClusterServerVerifier::new(trust.clone(), Expect::Node, Arc::new(RefuseNone));
+        let name = |s: &'static str| ServerName::try_from(s).unwrap();
+        assert!(
+            peers
+                .verify_server_cert(&leaf.der, &[], &name("node-2"), &[], at(now))
+                .is_ok()
+        );
+        for wrong in ["node-1", "Node-2", "coord-a"] {
+            assert!(
+                peers
+                    .verify_server_cert(&leaf.der, &[], &name(wrong), &[], at(now))
+                    .is_err(),
+                "{wrong}"
+            );
+        }
+        assert!(
+            peers
+                .verify_server_cert(&foreign.der, &[], &name("node-2"), &[], at(now))
+                .is_err()
+        );
+        let (coord, _) = ca.issue_coordinator(&id("coord-a")).unwrap();
+        let coord_leaf = coord.cert[0].clone();
+        let ctl =
+            ClusterServerVerifier::new(trust.clone(), Expect::Coordinator, Arc::new(RefuseNone));
+        assert!(
+            ctl.verify_server_cert(&coord_leaf, &[], &name("coord-a"), &[], at(now))
+                .is_ok()
+        );
+        assert!(
+            ctl.verify_server_cert(&coord_leaf, &[], &name("coord-b"), &[], at(now))
+                .is_err()
+        );
+        // A node certificate cannot pass for a coordinator, even under the same name.
+        let impostor = ca
+            .issue_node(&greedy_csr(), &id("coord-a"), &ips, Duration::from_secs(60))
+            .unwrap();
+        assert!(
+            ctl.verify_server_cert(&impostor.der, &[], &name("coord-a"), &[], at(now))
+                .is_err()
+        );
+        assert!(
+            peers
+                .verify_server_cert(&coord_leaf, &[], &name("coord-a"), &[], at(now))
+                .is_err()
+        );
+        // A coordinator certificate is no client certificate.
+        assert!(
+            clients
+                .verify_client_cert(&coord_leaf, &[], at(now))
+                .is_err()
+        );
+        // Without a CA, nothing passes.
+        let empty = Arc::new(Trust::empty(provider()));
+        let blind = NodeClientVerifier::new(empty, Arc::new(RefuseNone));
+        assert!(blind.verify_client_cert(&leaf.der, &[], at(now)).is_err());
+    }
+}
