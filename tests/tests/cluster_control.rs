@@ -94,7 +94,6 @@ impl std::ops::Deref for Node {
 }
 
 fn node_config(
-    ip: &str,
     name: &str,
     coordinators: &[(&str, &TestCoordinator)],
     token: &str,
@@ -108,7 +107,6 @@ fn node_config(
         pem.extend_from_slice(c.ca_pem());
     }
     std::fs::write(&bundle, pem)?;
-    let _ = ip;
     Ok(ClusterConfig {
         node: NodeId::new(name)?,
         zone: Zone::new("dc1/row1")?,
@@ -142,7 +140,6 @@ async fn start_node_with(
     // else takes it.
     let peer_socket = std::net::UdpSocket::bind(format!("{ip}:0"))?;
     let cfg = node_config(
-        ip,
         name,
         coordinators,
         token,
@@ -715,6 +712,148 @@ async fn two_coordinators_split_digests_and_fail_over() -> Result<()> {
             "took {:?}",
             t.elapsed()
         );
+        Ok(())
+    })
+    .await
+}
+
+/// A UDP relay in front of a coordinator's control port that can go silent, like a host that
+/// lost power: no close, no reset, just nothing.
+struct Blackhole {
+    addr: SocketAddr,
+    dead: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Blackhole {
+    async fn start(target: SocketAddr) -> Result<Blackhole> {
+        use std::collections::HashMap;
+        use std::sync::atomic::Ordering;
+        let front = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await?);
+        let addr = front.local_addr()?;
+        let dead = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let d = dead.clone();
+        let task = tokio::spawn(async move {
+            let mut backs: HashMap<SocketAddr, Arc<tokio::net::UdpSocket>> = HashMap::new();
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, from)) = front.recv_from(&mut buf).await {
+                if d.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let back = match backs.get(&from) {
+                    Some(b) => b.clone(),
+                    None => {
+                        let Ok(b) = tokio::net::UdpSocket::bind("127.0.0.1:0").await else {
+                            continue;
+                        };
+                        if b.connect(target).await.is_err() {
+                            continue;
+                        }
+                        let b = Arc::new(b);
+                        let (b2, f2, d2) = (b.clone(), front.clone(), d.clone());
+                        tokio::spawn(async move {
+                            let mut buf = vec![0u8; 65536];
+                            while let Ok(n) = b2.recv(&mut buf).await {
+                                if !d2.load(Ordering::Relaxed) {
+                                    let _ = f2.send_to(&buf[..n], from).await;
+                                }
+                            }
+                        });
+                        backs.insert(from, b.clone());
+                        b
+                    }
+                };
+                let _ = back.send(&buf[..n]).await;
+            }
+        });
+        Ok(Blackhole { addr, dead, task })
+    }
+
+    fn kill(&self) {
+        self.dead.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Blackhole {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_coordinator_is_abandoned_within_seconds() -> Result<()> {
+    within(async {
+        let shared = Shared::new()?;
+        let coord_a = shared.coordinator("coord-a", "1h").await?;
+        let coord_b = shared.coordinator("coord-b", "1h").await?;
+        let hole = Blackhole::start(coord_a.cluster_addr().context("no cluster port")?).await?;
+        let names = ["coord-a", "coord-b"];
+        let coords = [("coord-a", &coord_a), ("coord-b", &coord_b)];
+        let start = |ip: &'static str, name: &'static str| {
+            let hole = hole.addr;
+            let coords = &coords;
+            async move {
+                let state = tempfile::Builder::new().prefix("shoal-node-").tempdir()?;
+                let peer_socket = std::net::UdpSocket::bind(format!("{ip}:0"))?;
+                let mut cfg =
+                    node_config(name, coords, TOKEN, state.path(), peer_socket.local_addr()?)?;
+                // coord-a is reached through the relay that will go silent.
+                cfg.coordinators[0].ctl_addr = hole.to_string();
+                let (stop, stopped) = oneshot::channel::<()>();
+                let cluster = Cluster::start(cfg, async move {
+                    let _ = stopped.await;
+                })
+                .await?;
+                wait_until(WAIT, "connected to both coordinators", || {
+                    let n = cluster.connected_coordinators().len();
+                    async move { n == 2 }
+                })
+                .await?;
+                Ok::<_, anyhow::Error>(Node {
+                    _stop: stop,
+                    cluster,
+                    _peer_socket: peer_socket,
+                    _state: state,
+                })
+            }
+        };
+        let x = start("127.0.0.2", "node-x").await?;
+        let y = start("127.0.0.3", "node-y").await?;
+        let da = (0..1000)
+            .map(digest)
+            .find(|d| owner_coordinator(d, &names) == Some(0))
+            .context("no digest for coord-a")?;
+        let inventory = Announce {
+            complete: vec![da.clone()],
+            partial: vec![],
+        };
+        y.set_inventory(Arc::new(move || inventory.clone()));
+        let holds = || {
+            let (x, da) = (&x, da.clone());
+            async move {
+                x.locate(&da, false)
+                    .await
+                    .ok()
+                    .filter(|r| r.peers.iter().any(|p| p.node == id("node-y")))
+            }
+        };
+        poll_until(WAIT, "x finds y through coord-a", holds).await?;
+
+        hole.kill();
+        let killed = Instant::now();
+        // Meanwhile every locate still answers within its bound (from coord-b).
+        let t = Instant::now();
+        let r = x.locate(&da, true).await;
+        ensure!(
+            t.elapsed() <= Duration::from_millis(2500),
+            "locate took {:?}",
+            t.elapsed()
+        );
+        ensure!(r.is_ok(), "coord-b should answer: {r:?}");
+        poll_until(WAIT, "x finds y through coord-b", holds).await?;
+        let took = killed.elapsed();
+        ensure!(took < Duration::from_secs(12), "failover took {took:?}");
+        ensure!(x.connected_coordinators() == vec![id("coord-b")]);
         Ok(())
     })
     .await
