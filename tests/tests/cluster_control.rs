@@ -307,10 +307,31 @@ async fn enroll_announce_locate_and_one_origin_slot() -> Result<()> {
 
         // Everyone wants blob 1 from the origin at once: exactly one gets the slot.
         let d = digest(1);
+        let mut subs = [a.subscribe(&d), b.subscribe(&d), c.subscribe(&d)];
         let (ra, rb, rc) = tokio::join!(a.locate(&d, true), b.locate(&d, true), c.locate(&d, true));
         let replies = [ra?, rb?, rc?];
         let slots = replies.iter().filter(|r| r.origin).count();
         ensure!(slots == 1, "{slots} origin slots granted: {replies:?}");
+        // The seeder gives the slot back: one of the others is granted it, by message.
+        let seeder = replies.iter().position(|r| r.origin).unwrap_or_default();
+        let nodes = [&a, &b, &c];
+        nodes[seeder].send(&d, AgentMsg::ReleaseOrigin { digest: d.clone() });
+        let mut granted = Vec::new();
+        for (i, sub) in subs.iter_mut().enumerate() {
+            if i == seeder {
+                continue;
+            }
+            if let Ok(Some(CoordMsg::OriginSlot {
+                granted: true,
+                digest,
+                ..
+            })) = tokio::time::timeout(Duration::from_secs(3), sub.recv()).await
+            {
+                ensure!(digest == d);
+                granted.push(i);
+            }
+        }
+        ensure!(granted.len() == 1, "slot passed to {granted:?}");
         // A later locate by a suggests the two others (interested downloaders) as peers.
         let again = a.locate(&d, false).await?;
         let mut peers: Vec<String> = again.peers.iter().map(|p| p.node.to_string()).collect();
@@ -345,7 +366,7 @@ async fn enroll_announce_locate_and_one_origin_slot() -> Result<()> {
         // Metrics.
         let m = |name: &'static str| coord.metric_sum(name, &[]);
         ensure!(m("shoal_coordinator_cluster_nodes_connected").await? == 3.0);
-        ensure!(m("shoal_coordinator_cluster_origin_slots_granted_total").await? == 1.0);
+        ensure!(m("shoal_coordinator_cluster_origin_slots_granted_total").await? == 2.0);
         ensure!(m("shoal_coordinator_cluster_locates_total").await? >= 5.0);
         ensure!(
             coord

@@ -206,3 +206,55 @@ pub(crate) fn save(dir: &Path, id: &Loaded) -> Result<PathBuf, ClusterError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(&err)?;
     Ok(dir.join(IDENTITY_FILE))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use rcgen::SanType;
+
+    use super::*;
+    use crate::cluster::tls::provider;
+
+    #[test]
+    fn identity_is_stored_privately_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("cluster");
+        ensure_dir(&state).unwrap();
+        assert_eq!(
+            fs::metadata(&state).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        let node = NodeId::new("node-1").unwrap();
+        assert!(load(&state, &node, &provider()).unwrap().is_none());
+
+        // A self-signed stand-in for an issued certificate (the issuing side is tested in the
+        // coordinator).
+        let key = new_key(&node).unwrap();
+        assert!(
+            key.csr_pem
+                .starts_with("-----BEGIN CERTIFICATE REQUEST-----")
+        );
+        let mut params = CertificateParams::new(vec!["node-1".to_owned()]).unwrap();
+        params.subject_alt_names.push(SanType::URI(
+            shoal_proto::enroll::node_uri(&node).try_into().unwrap(),
+        ));
+        let cert = params.self_signed(&key.key).unwrap();
+        let leaf = cert.der().clone();
+        let id = Loaded::from_new(&node, &key, leaf.clone(), leaf.clone(), &provider()).unwrap();
+        let path = save(&state, &id).unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        let back = load(&state, &node, &provider()).unwrap().unwrap();
+        assert_eq!(back.info, id.info);
+        assert_eq!(back.leaf, leaf);
+        // Another node's name does not load it; a key that does not match is refused.
+        let other = NodeId::new("node-2").unwrap();
+        assert!(load(&state, &other, &provider()).is_err());
+        let stranger = new_key(&node).unwrap();
+        assert!(Loaded::from_new(&node, &stranger, leaf.clone(), leaf, &provider()).is_err());
+        assert!(!format!("{stranger:?}").contains("PRIVATE"));
+    }
+}
