@@ -2,7 +2,10 @@
 //! every client streaming the bytes as they land on disk.
 //!
 //! A download writes into the store's ingest file; clients read that file (through a shared
-//! read handle) up to what has been written. The last byte of the blob is held back until the
+//! read handle) up to what has been written. With a cluster, the download goes through the
+//! swarm ([`Peer::download`](crate::peer::Peer)): pieces arrive out of order and are written
+//! at their offsets, and clients read the contiguous verified prefix, exactly as they read an
+//! append-only download; without one (or when no coordinator answers) it reads the origin. The last byte of the blob is held back until the
 //! whole blob has matched its digest and been committed, so a client can never receive a
 //! complete-looking blob with wrong content: on a mismatch every client's body ends in an error,
 //! which makes hyper abort the connection, and nothing is stored.
@@ -10,7 +13,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -20,6 +23,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{Instrument, debug, info, warn};
 
 use crate::metrics::Metrics;
+use crate::peer::{Peer, Shaping, SwarmOutcome};
 use crate::store::{Store, StoreError};
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -94,11 +98,47 @@ impl AsRef<File> for ReadHandle {
     }
 }
 
+/// What a download in another module (the swarm) tells the clients of its flight.
+pub(crate) struct FlightTx<'a>(&'a watch::Sender<Progress>);
+
+impl FlightTx<'_> {
+    /// The blob's size is known and its bytes will land in `file` (from offset 0).
+    pub(crate) fn streaming(&self, size: u64, file: File) {
+        let file = Arc::new(ReadHandle(file));
+        self.0.send_modify(|p| {
+            p.phase = Phase::Streaming;
+            p.size = Some(size);
+            p.written = 0;
+            p.file = Some(file);
+        });
+    }
+
+    /// The first `written` bytes of the file are verified and in place. Never goes back.
+    pub(crate) fn advance(&self, written: u64) {
+        self.0.send_if_modified(|p| {
+            let grew = written > p.written;
+            if grew {
+                p.written = written;
+            }
+            grew
+        });
+    }
+
+    /// Bytes exposed to clients so far (all but the last are readable before the commit).
+    pub(crate) fn written(&self) -> u64 {
+        self.0.borrow().written
+    }
+}
+
 /// The download manager: owns the in-flight map.
 pub struct Downloads {
     store: Store,
     metrics: Metrics,
     flights: Mutex<HashMap<Digest, watch::Receiver<Progress>>>,
+    /// The data plane, when the agent is in a cluster.
+    peer: OnceLock<Peer>,
+    /// Bandwidth limits for origin reads.
+    shaping: OnceLock<Arc<Shaping>>,
 }
 
 impl std::fmt::Debug for Downloads {
@@ -124,7 +164,21 @@ impl Downloads {
             store,
             metrics,
             flights: Mutex::new(HashMap::new()),
+            peer: OnceLock::new(),
+            shaping: OnceLock::new(),
         })
+    }
+
+    /// Routes new downloads through the swarm (unless `[peer] enabled = false`) and applies
+    /// the bandwidth limits to origin reads. Set once, at start.
+    pub fn set_peer(&self, peer: Peer) {
+        let _ = self.shaping.set(peer.shaping().clone());
+        let _ = self.peer.set(peer);
+    }
+
+    /// Applies bandwidth limits to origin reads without a data plane.
+    pub fn set_shaping(&self, shaping: Arc<Shaping>) {
+        let _ = self.shaping.set(shaping);
     }
 
     /// Number of downloads in progress.
@@ -164,7 +218,18 @@ impl Downloads {
             async move {
                 this.metrics.download_started();
                 let started = std::time::Instant::now();
-                let result = this.download(&tx, &upstream, &name, &d).await;
+                let swarm = this.peer.get().filter(|p| p.config().enabled);
+                let result = match swarm {
+                    None => this.download(&tx, &upstream, &name, &d).await,
+                    Some(peer) => match peer.download(&FlightTx(&tx), &upstream, &name, &d).await {
+                        SwarmOutcome::Done(n) => Ok(n),
+                        SwarmOutcome::Failed(e) => Err(e),
+                        SwarmOutcome::Fallback(reason) => {
+                            info!(%reason, "swarm unavailable; downloading from the origin");
+                            this.download(&tx, &upstream, &name, &d).await
+                        }
+                    },
+                };
                 match result {
                     Ok(bytes) => {
                         info!(
@@ -250,6 +315,10 @@ impl Downloads {
         while let Some(item) = stream.next().await {
             match item {
                 Ok(chunk) => {
+                    if let Some(s) = self.shaping.get() {
+                        s.origin.take(chunk.len() as u64).await;
+                        s.download.take(chunk.len() as u64).await;
+                    }
                     self.metrics.upstream_bytes(chunk.len() as u64);
                     received += chunk.len() as u64;
                     buf.extend_from_slice(&chunk);

@@ -9,6 +9,7 @@ pub mod config;
 pub mod fetch;
 pub mod metrics;
 pub mod mirror;
+pub mod peer;
 pub mod server;
 pub mod store;
 pub mod upstream;

@@ -85,6 +85,9 @@ pub struct Metrics {
     store_bytes: Gauge<u64, AtomicU64>,
     store_blobs: Gauge<u64, AtomicU64>,
     evicted_bytes: Counter,
+    peer_sent_bytes: Counter,
+    peer_received_bytes: Counter,
+    bad_pieces: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -115,6 +118,9 @@ impl Metrics {
             store_bytes: Gauge::default(),
             store_blobs: Gauge::default(),
             evicted_bytes: Counter::default(),
+            peer_sent_bytes: Counter::default(),
+            peer_received_bytes: Counter::default(),
+            bad_pieces: Counter::default(),
         };
         registry.register(
             "served_bytes",
@@ -167,6 +173,21 @@ impl Metrics {
             "Bytes evicted from the store to stay under its cap",
             m.evicted_bytes.clone(),
         );
+        registry.register(
+            "peer_sent_bytes",
+            "Piece bytes uploaded to other agents",
+            m.peer_sent_bytes.clone(),
+        );
+        registry.register(
+            "peer_received_bytes",
+            "Piece bytes received from other agents (before verification)",
+            m.peer_received_bytes.clone(),
+        );
+        registry.register(
+            "bad_pieces",
+            "Pieces that failed verification against the piece manifest and were discarded",
+            m.bad_pieces.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             ..m
@@ -218,6 +239,18 @@ impl Metrics {
 
     pub fn evicted(&self, bytes: u64) {
         self.evicted_bytes.inc_by(bytes);
+    }
+
+    pub fn peer_bytes_sent(&self, bytes: u64) {
+        self.peer_sent_bytes.inc_by(bytes);
+    }
+
+    pub fn peer_bytes_received(&self, bytes: u64) {
+        self.peer_received_bytes.inc_by(bytes);
+    }
+
+    pub fn bad_piece(&self) {
+        self.bad_pieces.inc();
     }
 
     /// The OpenMetrics text exposition of every metric.

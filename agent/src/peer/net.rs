@@ -1,0 +1,249 @@
+//! Connections: accepting peers (identity and refusal checks), connecting to them (one
+//! connection per peer, reused), and dispatching each incoming stream by its first frame.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_proto::msg::{NodeId, PeerMsg};
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::frames::{Expect, FrameError, FrameReader};
+use super::{PeerInner, code, lock, serve, session};
+
+/// How long a peer may take to send the first frame of a stream it opened.
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why no connection to a peer could be had.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ConnectError {
+    #[error("the cluster refuses {0}")]
+    Refused(NodeId),
+    #[error("connect to {node} at {addr}: {reason}")]
+    Failed {
+        node: NodeId,
+        addr: SocketAddr,
+        reason: String,
+    },
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+pub(crate) async fn accept_loop(inner: Arc<PeerInner>) {
+    loop {
+        let incoming = tokio::select! {
+            i = inner.endpoint.accept() => i,
+            () = inner.closing.cancelled() => None,
+        };
+        let Some(incoming) = incoming else {
+            return;
+        };
+        let inner = inner.clone();
+        let remote = incoming.remote_address();
+        tokio::spawn(
+            async move {
+                let connecting = match incoming.accept() {
+                    Ok(c) => c,
+                    Err(error) => {
+                        debug!(%error, "incoming peer connection failed");
+                        return;
+                    }
+                };
+                let conn =
+                    match tokio::time::timeout(inner.config.connect_timeout, connecting).await {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(error)) => {
+                            debug!(%error, "peer handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!("peer handshake timed out");
+                            return;
+                        }
+                    };
+                let Some(node) = inner.control.peer_identity(&conn) else {
+                    warn!("peer connection without a node identity; closed");
+                    conn.close(code::IDENTITY, b"no node identity");
+                    return;
+                };
+                if inner.control.is_refused(&node) {
+                    warn!(peer = %node, "refused node connected; closed");
+                    conn.close(code::REFUSED, b"refused");
+                    return;
+                }
+                {
+                    let mut conns = lock(&inner.conns);
+                    let usable = conns.get(&node).is_some_and(|c| c.close_reason().is_none());
+                    if !usable {
+                        conns.insert(node.clone(), conn.clone());
+                    }
+                }
+                debug!(peer = %node, "peer connected");
+                serve_connection(inner, node, conn).await;
+            }
+            .instrument(info_span!("peer_conn", peer.addr = %remote)),
+        );
+    }
+}
+
+impl PeerInner {
+    /// The live connection to `node`, if any.
+    pub(crate) fn connection(&self, node: &NodeId) -> Option<quinn::Connection> {
+        lock(&self.conns)
+            .get(node)
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+
+    /// The connection to `node`, connecting to `addr` when there is none. Concurrent calls
+    /// for one peer share one attempt.
+    pub(crate) async fn connect(
+        self: &Arc<Self>,
+        node: &NodeId,
+        addr: SocketAddr,
+    ) -> Result<quinn::Connection, ConnectError> {
+        if let Some(c) = self.connection(node) {
+            return Ok(c);
+        }
+        if self.control.is_refused(node) {
+            return Err(ConnectError::Refused(node.clone()));
+        }
+        let gate = lock(&self.connecting)
+            .entry(node.clone())
+            .or_default()
+            .clone();
+        let _one = gate.lock().await;
+        if let Some(c) = self.connection(node) {
+            return Ok(c);
+        }
+        if self.closing.is_cancelled() {
+            return Err(ConnectError::ShuttingDown);
+        }
+        let failed = |reason: String| ConnectError::Failed {
+            node: node.clone(),
+            addr,
+            reason,
+        };
+        let mut cfg = self.control.peer_client_config();
+        cfg.transport_config(self.transport.clone());
+        let connecting = self
+            .endpoint
+            .connect_with(cfg, addr, node.as_str())
+            .map_err(|e| failed(e.to_string()))?;
+        let conn = match tokio::time::timeout(self.config.connect_timeout, connecting).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(failed(e.to_string())),
+            Err(_) => return Err(failed("handshake timed out".into())),
+        };
+        if self.control.peer_identity(&conn).as_ref() != Some(node) {
+            conn.close(code::IDENTITY, b"unexpected identity");
+            return Err(failed("the certificate names another node".into()));
+        }
+        lock(&self.conns).insert(node.clone(), conn.clone());
+        debug!(peer = %node, %addr, "connected to peer");
+        let inner = self.clone();
+        let (n, c) = (node.clone(), conn.clone());
+        tokio::spawn(
+            async move { serve_connection(inner, n, c).await }
+                .instrument(info_span!("peer_conn", peer = %node, peer.addr = %addr)),
+        );
+        Ok(conn)
+    }
+}
+
+/// Accepts the streams `node` opens on `conn` until the connection ends.
+async fn serve_connection(inner: Arc<PeerInner>, node: NodeId, conn: quinn::Connection) {
+    loop {
+        let stream = tokio::select! {
+            s = conn.accept_bi() => s,
+            () = inner.closing.cancelled() => break,
+        };
+        let (send, recv) = match stream {
+            Ok(s) => s,
+            Err(error) => {
+                debug!(peer = %node, %error, "peer connection ended");
+                break;
+            }
+        };
+        if inner.control.is_refused(&node) {
+            warn!(peer = %node, "the cluster now refuses this peer; closing");
+            conn.close(code::REFUSED, b"refused");
+            break;
+        }
+        tokio::spawn(handle_stream(
+            inner.clone(),
+            node.clone(),
+            conn.clone(),
+            send,
+            recv,
+        ));
+    }
+    let mut conns = lock(&inner.conns);
+    if conns
+        .get(&node)
+        .is_some_and(|c| c.stable_id() == conn.stable_id())
+    {
+        conns.remove(&node);
+    }
+}
+
+/// Closes `conn` for a protocol violation, with a log line naming it.
+pub(crate) fn protocol_violation(conn: &quinn::Connection, node: &NodeId, what: &str) {
+    warn!(peer = %node, reason = what, "peer broke the protocol; connection closed");
+    conn.close(code::PROTOCOL, b"protocol violation");
+}
+
+async fn handle_stream(
+    inner: Arc<PeerInner>,
+    node: NodeId,
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
+    let mut reader = FrameReader::new(recv);
+    let first = tokio::time::timeout(
+        FIRST_FRAME_TIMEOUT,
+        reader.next(Expect::CONTROL, None, &mut |_| {}),
+    )
+    .await;
+    let first = match first {
+        Err(_) => {
+            debug!(peer = %node, "stream without a first frame; dropped");
+            return;
+        }
+        Ok(Err(FrameError::Protocol(what))) => return protocol_violation(&conn, &node, &what),
+        Ok(Err(error)) => {
+            debug!(peer = %node, %error, "stream failed before its first frame");
+            return;
+        }
+        Ok(Ok(None)) => return,
+        Ok(Ok(Some(m))) => m,
+    };
+    match first {
+        PeerMsg::Request { digest, piece } => {
+            serve::serve_request(&inner, &node, &conn, send, reader, digest, piece).await;
+        }
+        PeerMsg::Have { digest, have } => {
+            session::accept_session(&inner, node, conn, send, reader, digest, have).await;
+        }
+        other => protocol_violation(
+            &conn,
+            &node,
+            &format!(
+                "a stream must start with Have or Request, not {}",
+                kind_name(&other)
+            ),
+        ),
+    }
+}
+
+pub(crate) fn kind_name(m: &PeerMsg) -> &'static str {
+    match m {
+        PeerMsg::Have { .. } => "Have",
+        PeerMsg::HavePiece { .. } => "HavePiece",
+        PeerMsg::Request { .. } => "Request",
+        PeerMsg::Piece { .. } => "Piece",
+        PeerMsg::Reject { .. } => "Reject",
+        PeerMsg::Cancel { .. } => "Cancel",
+    }
+}

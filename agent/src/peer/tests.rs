@@ -1,0 +1,508 @@
+//! In-process tests of the data plane over real QUIC on 127.0.0.x: hostile frames, a blob
+//! fetched from a peer, a cold pull by several agents that reads the origin about once,
+//! partial blobs served while they download, stalled and corrupt peers, and the fallback to
+//! the origin without a coordinator. Every wait has a timeout; nothing sleeps to synchronise.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use shoal_proto::Digest;
+use shoal_proto::msg::{AgentMsg, NodeId, PeerMsg, PieceData, RejectReason};
+use shoal_proto::piece::{Geometry, MIN_PIECE_LEN};
+use shoal_proto::tracker::TrackerConfig;
+use shoal_proto::wire::{self, Decoder};
+
+use super::testing::{Origin, TestCa, TestNode, TestTracker, random_blob};
+use super::{Fault, PeerConfig, code};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+const PL: usize = MIN_PIECE_LEN as usize;
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no result within {DEADLINE:?}"))
+}
+
+fn cluster() -> (Arc<TestTracker>, Arc<TestCa>) {
+    crate::peer::tests::init_tracing();
+    (TestTracker::new(TrackerConfig::default()), TestCa::new())
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "shoal_agent=info".into()),
+        )
+        .try_init();
+}
+
+/// A quinn client that is not an agent: speaks raw frames.
+struct Raw {
+    endpoint: quinn::Endpoint,
+    config: quinn::ClientConfig,
+}
+
+impl Raw {
+    fn new(ca: &TestCa, name: &str) -> Raw {
+        let cert = ca.issue(name);
+        Raw {
+            endpoint: quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap(),
+            config: ca.client_config(&cert),
+        }
+    }
+
+    async fn connect(&self, node: &TestNode) -> Result<quinn::Connection, String> {
+        let c = self
+            .endpoint
+            .connect_with(
+                self.config.clone(),
+                node.peer.local_addr(),
+                node.node().as_str(),
+            )
+            .map_err(|e| e.to_string())?;
+        within("handshake", c).await.map_err(|e| e.to_string())
+    }
+}
+
+/// Sends `bytes` on a new stream and expects the server to close the connection for a
+/// protocol violation.
+async fn expect_closed(conn: &quinn::Connection, bytes: &[u8]) {
+    let (mut send, _recv) = conn.open_bi().await.unwrap();
+    let _ = send.write_all(bytes).await;
+    let _ = send.finish();
+    let err = within("connection close", conn.closed()).await;
+    match err {
+        quinn::ConnectionError::ApplicationClosed(c) => assert_eq!(c.error_code, code::PROTOCOL),
+        other => panic!("closed for another reason: {other:?}"),
+    }
+}
+
+/// Sends one frame on a new stream and reads one frame back.
+async fn ask(conn: &quinn::Connection, msg: &PeerMsg) -> PeerMsg {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&wire::encode(msg).unwrap()).await.unwrap();
+    send.finish().unwrap();
+    let bytes = within("answer", recv.read_to_end(20 << 20)).await.unwrap();
+    let mut dec = Decoder::<PeerMsg>::new();
+    let mut input = &bytes[..];
+    dec.decode(&mut input).unwrap().expect("one whole frame")
+}
+
+#[tokio::test]
+async fn hostile_frames_close_the_connection_and_never_panic() {
+    let (tracker, ca) = cluster();
+    let a = TestNode::start(
+        &tracker,
+        &ca,
+        "node-a",
+        1,
+        "http://127.0.0.1:9",
+        PeerConfig::default(),
+    )
+    .await;
+    let blob = random_blob(3 * PL - 10, 1);
+    let d = a.seed(&blob).await;
+    let raw = Raw::new(&ca, "mallory");
+
+    // A header announcing a control frame far above the bound.
+    let conn = raw.connect(&a).await.unwrap();
+    expect_closed(&conn, &[wire::VERSION, 3, 0, 0x10, 0, 0]).await;
+    // A piece-data frame where a stream must start with Have or Request.
+    let conn = raw.connect(&a).await.unwrap();
+    let piece = PeerMsg::Piece {
+        digest: d.clone(),
+        piece: 0,
+        data: PieceData::new(vec![0; 10]).unwrap(),
+    };
+    expect_closed(&conn, &wire::encode(&piece).unwrap()).await;
+    // A well-formed frame of the wrong kind to start a stream.
+    let conn = raw.connect(&a).await.unwrap();
+    let reject = PeerMsg::Reject {
+        digest: d.clone(),
+        piece: 0,
+        reason: RejectReason::Busy,
+    };
+    expect_closed(&conn, &wire::encode(&reject).unwrap()).await;
+    // Another protocol version, and garbage.
+    let conn = raw.connect(&a).await.unwrap();
+    expect_closed(&conn, &[9, 3, 0, 0, 0, 1, 0]).await;
+    let conn = raw.connect(&a).await.unwrap();
+    expect_closed(&conn, &[wire::VERSION, 3, 0, 0, 0, 3, 0xff, 0xff, 0xff]).await;
+    // A piece index past the blob's end.
+    let conn = raw.connect(&a).await.unwrap();
+    let past = PeerMsg::Request {
+        digest: d.clone(),
+        piece: 3,
+    };
+    expect_closed(&conn, &wire::encode(&past).unwrap()).await;
+
+    // An unknown digest is a normal race (evicted, never had it): refused, connection kept.
+    let conn = raw.connect(&a).await.unwrap();
+    let unknown = Digest::sha256_of(b"nobody has this");
+    let r = ask(
+        &conn,
+        &PeerMsg::Request {
+            digest: unknown.clone(),
+            piece: 0,
+        },
+    )
+    .await;
+    assert_eq!(
+        r,
+        PeerMsg::Reject {
+            digest: unknown.clone(),
+            piece: 0,
+            reason: RejectReason::UnknownBlob
+        }
+    );
+    // The server is unharmed: a proper request gets the verified piece, a session its Have.
+    let r = ask(
+        &conn,
+        &PeerMsg::Request {
+            digest: d.clone(),
+            piece: 2,
+        },
+    )
+    .await;
+    let g = Geometry::for_size(blob.len() as u64);
+    let range = g.range(2).unwrap();
+    match r {
+        PeerMsg::Piece {
+            digest,
+            piece: 2,
+            data,
+        } => {
+            assert_eq!(digest, d);
+            assert_eq!(
+                data.as_slice(),
+                &blob[range.start as usize..range.end as usize]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(conn.close_reason().is_none());
+
+    // A certificate from another CA does not get in.
+    let other = TestCa::new();
+    let stranger = Raw::new(&other, "stranger");
+    if let Ok(conn) = stranger.connect(&a).await {
+        // TLS 1.3: the client may finish before the server refuses its certificate; then the
+        // connection is closed right after.
+        within("rejection", conn.closed()).await;
+    }
+    // A refused node is closed at once.
+    tracker
+        .refused
+        .lock()
+        .unwrap()
+        .insert(NodeId::new("mallory").unwrap());
+    if let Ok(conn) = raw.connect(&a).await {
+        let err = within("refusal", conn.closed()).await;
+        assert!(
+            matches!(err, quinn::ConnectionError::ApplicationClosed(c) if c.error_code == code::REFUSED)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_peer_fetches_a_seeded_blob_over_quic() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let a = TestNode::start(
+        &tracker,
+        &ca,
+        "node-a",
+        1,
+        &origin.url(),
+        PeerConfig::default(),
+    )
+    .await;
+    let b = TestNode::start(
+        &tracker,
+        &ca,
+        "node-b",
+        2,
+        &origin.url(),
+        PeerConfig::default(),
+    )
+    .await;
+    let blob = random_blob(5 * PL + 123, 2);
+    let d = a.seed(&blob).await;
+    origin.add(&blob);
+
+    let got = within("pull", b.pull(&d)).await.unwrap();
+    assert_eq!(got.len(), blob.len());
+    assert!(got == blob, "content differs");
+    assert!(b.store.contains(&d), "committed");
+    assert_eq!(origin.served(), 0, "the origin was not needed");
+    assert!(b.peer.connected_peers().contains(a.node()));
+    let text = b.metrics.encode();
+    assert!(
+        text.contains(&format!(
+            "shoal_agent_peer_received_bytes_total {}",
+            blob.len()
+        )),
+        "{text}"
+    );
+    // B announced the blob complete, so a third node can get it from either.
+    let announced = tracker.sent(|m| matches!(m, AgentMsg::Announce(a) if a.complete.contains(&d)));
+    assert!(announced.iter().any(|(n, _)| n == b.node()));
+}
+
+#[tokio::test]
+async fn a_cold_pull_by_three_agents_reads_the_origin_about_once() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let size = 24 * PL + 77;
+    let blob = random_blob(size, 3);
+    let d = origin.add(&blob);
+    let mut nodes = Vec::new();
+    for (i, name) in ["node-a", "node-b", "node-c"].iter().enumerate() {
+        nodes.push(
+            TestNode::start(
+                &tracker,
+                &ca,
+                name,
+                10 + i as u8,
+                &origin.url(),
+                PeerConfig::default(),
+            )
+            .await,
+        );
+    }
+    let pulls = nodes.iter().map(|n| n.pull(&d));
+    let results = within("three pulls", futures::future::join_all(pulls)).await;
+    for (n, r) in nodes.iter().zip(results) {
+        let got = r.unwrap_or_else(|e| panic!("{}: {e}", n.node()));
+        assert!(got == blob, "{}: content differs", n.node());
+        assert!(n.store.contains(&d));
+    }
+    let served = origin.served();
+    assert!(
+        served as f64 <= 1.1 * size as f64,
+        "the origin served {served} bytes for a blob of {size}"
+    );
+    // The seeder published the anchored manifest.
+    assert_eq!(
+        tracker
+            .sent(|m| matches!(m, AgentMsg::PublishManifest(_)))
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn verified_pieces_are_served_while_the_blob_still_downloads() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let size = 16 * PL;
+    let blob = random_blob(size, 4);
+    let d = origin.add(&blob);
+    // The seeder reads the origin slowly: about two seconds for the blob.
+    let slow = PeerConfig {
+        origin_limit: Some(2 << 20),
+        ..PeerConfig::default()
+    };
+    let a = TestNode::start(&tracker, &ca, "node-a", 20, &origin.url(), slow).await;
+    let b = TestNode::start(
+        &tracker,
+        &ca,
+        "node-b",
+        21,
+        &origin.url(),
+        PeerConfig::default(),
+    )
+    .await;
+    // A takes the origin slot first.
+    let a_pull = tokio::spawn({
+        let (downloads, upstream, d) = (a.downloads.clone(), a.upstream.clone(), d.clone());
+        async move {
+            let name = shoal_proto::RepoName::parse(super::testing::REPO).unwrap();
+            let sub = match downloads.join(&upstream, &name, &d) {
+                crate::fetch::Join::Started(s) => s,
+                other => panic!("{other:?}"),
+            };
+            let mut sub = sub;
+            sub.finished().await.map(|_| tokio::time::Instant::now())
+        }
+    });
+    within("A starts", async {
+        while tracker
+            .sent(|m| matches!(m, AgentMsg::PublishHashes(_)))
+            .is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let name = shoal_proto::RepoName::parse(super::testing::REPO).unwrap();
+    let sub = match b.downloads.join(&b.upstream, &name, &d) {
+        crate::fetch::Join::Started(s) => s,
+        other => panic!("{other:?}"),
+    };
+    let mut stream = sub.into_stream(0, None);
+    let first = within("B's first bytes", futures::StreamExt::next(&mut stream))
+        .await
+        .unwrap()
+        .unwrap();
+    let first_at = tokio::time::Instant::now();
+    let mut got = first.to_vec();
+    while let Some(c) = within("B's pull", futures::StreamExt::next(&mut stream)).await {
+        got.extend_from_slice(&c.unwrap());
+    }
+    let a_done = within("A's pull", a_pull).await.unwrap().unwrap();
+    assert!(got == blob);
+    assert!(
+        first_at < a_done,
+        "B streamed bytes only after A had the whole blob"
+    );
+    assert!(
+        origin.served() as f64 <= 1.1 * size as f64,
+        "origin served {}",
+        origin.served()
+    );
+}
+
+#[tokio::test]
+async fn a_stalled_peer_is_abandoned_within_seconds() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let quick = PeerConfig {
+        stall_timeout: Duration::from_secs(1),
+        ..PeerConfig::default()
+    };
+    let staller = TestNode::start(
+        &tracker,
+        &ca,
+        "node-stall",
+        30,
+        &origin.url(),
+        quick.clone(),
+    )
+    .await;
+    let honest =
+        TestNode::start(&tracker, &ca, "node-good", 31, &origin.url(), quick.clone()).await;
+    let c = TestNode::start(&tracker, &ca, "node-c", 32, &origin.url(), quick).await;
+    let blob = random_blob(8 * PL, 5);
+    let d = staller.seed(&blob).await;
+    staller.peer.set_fault(Fault::Stall);
+    let started = tokio::time::Instant::now();
+    let pull = tokio::spawn({
+        let c = Arc::new(c);
+        let d = d.clone();
+        async move { c.pull(&d).await }
+    });
+    // The only holder takes C's requests and sits on them...
+    within("requests to the staller", async {
+        while staller.peer.stalled_requests() == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // ...until another holder appears: C gives up on the staller and gets every piece.
+    honest.seed(&blob).await;
+    let got = within("pull", pull).await.unwrap().unwrap();
+    assert!(got == blob);
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(origin.served(), 0);
+}
+
+#[tokio::test]
+async fn a_corrupt_peer_is_reported_and_nothing_bad_is_committed() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let liar = TestNode::start(
+        &tracker,
+        &ca,
+        "node-liar",
+        40,
+        &origin.url(),
+        PeerConfig::default(),
+    )
+    .await;
+    let honest = TestNode::start(
+        &tracker,
+        &ca,
+        "node-good",
+        41,
+        &origin.url(),
+        PeerConfig::default(),
+    )
+    .await;
+    let c = TestNode::start(
+        &tracker,
+        &ca,
+        "node-c",
+        42,
+        &origin.url(),
+        PeerConfig::default(),
+    )
+    .await;
+    let blob = random_blob(12 * PL, 6);
+    let d = liar.seed(&blob).await;
+    honest.seed(&blob).await;
+    liar.peer.set_fault(Fault::Corrupt);
+    let got = within("pull", c.pull(&d)).await.unwrap();
+    assert!(got == blob, "content differs");
+    let reports = tracker.sent(
+        |m| matches!(m, AgentMsg::ReportBadPeer { peer, .. } if peer.as_str() == "node-liar"),
+    );
+    assert!(!reports.is_empty(), "the corrupt peer was not reported");
+    assert!(c.metrics.encode().contains("shoal_agent_bad_pieces_total"));
+    assert!(
+        !c.metrics
+            .encode()
+            .contains("shoal_agent_bad_pieces_total 0")
+    );
+}
+
+#[tokio::test]
+async fn without_a_coordinator_the_pull_reads_the_origin() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let b = TestNode::start(
+        &tracker,
+        &ca,
+        "node-b",
+        50,
+        &origin.url(),
+        PeerConfig::default(),
+    )
+    .await;
+    let blob = random_blob(3 * PL + 5, 7);
+    let d = origin.add(&blob);
+    tracker.available.store(false, Ordering::SeqCst);
+    let got = within("pull", b.pull(&d)).await.unwrap();
+    assert!(got == blob);
+    assert!(b.store.contains(&d));
+    assert_eq!(origin.served(), blob.len() as u64);
+}
+
+#[tokio::test]
+async fn with_no_peer_and_no_slot_the_origin_is_read_anyway() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let quick = PeerConfig {
+        origin_fallback: Duration::from_secs(1),
+        ..PeerConfig::default()
+    };
+    let a = TestNode::start(&tracker, &ca, "node-a", 60, &origin.url(), quick.clone()).await;
+    let b = TestNode::start(&tracker, &ca, "node-b", 61, &origin.url(), quick).await;
+    let blob = random_blob(4 * PL, 8);
+    let d = origin.add(&blob);
+    // A takes the slot and then vanishes without a word (its endpoint closes, the tracker
+    // still believes in it).
+    let r = a.control_locate(&d).await;
+    assert!(r.origin);
+    a.peer.shutdown().await;
+    let got = within("pull", b.pull(&d)).await.unwrap();
+    assert!(got == blob);
+}
