@@ -116,6 +116,8 @@ struct FileConfig {
     #[serde(default, rename = "upstream")]
     upstreams: Vec<FileUpstream>,
     cluster: Option<FileCluster>,
+    #[serde(default)]
+    peer: crate::peer::FilePeer,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -273,6 +275,8 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Peer sharing and the control channel; `None` without a `[cluster]` section.
     pub cluster: Option<ClusterConfig>,
+    /// The data plane: bandwidth limits, upload slots, swarm settings (`[peer]`).
+    pub peer: crate::peer::PeerConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -444,6 +448,8 @@ fn build(file: FileConfig, ov: &Overrides, base: Option<&Path>) -> Result<Config
         )));
     }
 
+    let peer = crate::peer::PeerConfig::from_file(file.peer)
+        .map_err(|e| invalid(format!("[peer] {e}")))?;
     let cluster = match file.cluster {
         None => None,
         Some(c) => Some(
@@ -470,6 +476,7 @@ fn build(file: FileConfig, ov: &Overrides, base: Option<&Path>) -> Result<Config
         maintenance_interval,
         upstreams,
         cluster,
+        peer,
     })
 }
 

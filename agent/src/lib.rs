@@ -39,6 +39,8 @@ pub enum AgentError {
     },
     #[error("cluster: {0}")]
     Cluster(#[from] cluster::ClusterError),
+    #[error("peer endpoint: {0}")]
+    Peer(#[from] peer::PeerError),
     #[error("internal: {0}")]
     Internal(String),
 }
@@ -78,7 +80,7 @@ pub async fn run(
         config.mirror.clone(),
         upstreams,
         store.clone(),
-        downloads,
+        downloads.clone(),
         metrics.clone(),
     ));
 
@@ -91,6 +93,25 @@ pub async fn run(
     if let Some(c) = &cluster {
         info!(node = %c.node(), zone = %c.zone().as_str(), "cluster member");
     }
+    // The data plane: bandwidth limits always; the peer endpoint and swarm downloads in a
+    // cluster.
+    let shaping = peer::Shaping::new(&config.peer);
+    downloads.set_shaping(shaping.clone());
+    let peer = match &cluster {
+        Some(c) => {
+            let control: Arc<dyn peer::Control> = Arc::new(c.clone());
+            let p = peer::Peer::start(
+                control,
+                config.peer.clone(),
+                shaping,
+                store.clone(),
+                metrics.clone(),
+            )?;
+            downloads.set_peer(p.clone());
+            Some(p)
+        }
+        None => None,
+    };
     let mirror_addr = listeners
         .mirror
         .local_addr()
@@ -117,6 +138,9 @@ pub async fn run(
     server::serve_mirror(listeners.mirror, mirror, shutdown, DRAIN_TIMEOUT).await;
 
     let _ = maintenance.await;
+    if let Some(p) = peer {
+        p.shutdown().await;
+    }
     let flushed = tokio::task::spawn_blocking(move || store.flush()).await;
     if let Ok(Err(e)) = flushed {
         warn!(error = %e, "could not persist access times at shutdown");
