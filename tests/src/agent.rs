@@ -35,6 +35,14 @@ pub struct AgentOptions {
     pub max_retries: u32,
     /// Extra lines for the `[store]` section, e.g. `max_size = "10MiB"`.
     pub store_extra: String,
+    /// Whole sections appended to the config, e.g. `[cluster]` and `[peer]` tables.
+    pub extra_toml: String,
+    /// How long [`TestAgent::start_with`] waits for the mirror to answer (a cluster member
+    /// enrolls first).
+    pub ready_timeout: Duration,
+    /// Run the agent on a runtime of its own (one worker thread), so that
+    /// [`TestAgent::kill`] can end every task it spawned at once, like a crash.
+    pub own_runtime: bool,
 }
 
 impl AgentOptions {
@@ -50,6 +58,9 @@ impl AgentOptions {
             idle_timeout: Duration::from_secs(5),
             max_retries: 2,
             store_extra: String::new(),
+            extra_toml: String::new(),
+            ready_timeout: Duration::from_secs(10),
+            own_runtime: false,
         }
     }
 
@@ -75,6 +86,11 @@ impl AgentOptions {
                 self.max_retries,
             ));
         }
+        if !self.extra_toml.is_empty() {
+            t.push('\n');
+            t.push_str(&self.extra_toml);
+            t.push('\n');
+        }
         t
     }
 }
@@ -87,6 +103,8 @@ pub struct TestAgent {
     _store_dir: Option<TempDir>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), shoal_agent::AgentError>>>,
+    /// The agent's own runtime, with [`AgentOptions::own_runtime`].
+    runtime: Option<tokio::runtime::Runtime>,
 }
 
 impl TestAgent {
@@ -104,38 +122,73 @@ impl TestAgent {
                 (t.path().join("store"), Some(t))
             }
         };
-        let mirror = TcpListener::bind((opts.ip, 0)).await?;
-        let metrics = TcpListener::bind((opts.ip, 0)).await?;
+        // Bound here (std), registered with whichever runtime runs the agent.
+        let bind = |ip: IpAddr| -> Result<std::net::TcpListener> {
+            let l = std::net::TcpListener::bind((ip, 0))?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        };
+        let (mirror, metrics) = (bind(opts.ip)?, bind(opts.ip)?);
         let (mirror_addr, metrics_addr) = (mirror.local_addr()?, metrics.local_addr()?);
         let text = opts.toml(&store_root, mirror_addr, metrics_addr);
         let config = Config::from_toml(&text, &Overrides::default(), None)
             .with_context(|| format!("test agent config:\n{text}"))?;
         let (tx, rx) = oneshot::channel::<()>();
-        let listeners = Listeners {
-            mirror,
-            metrics: Some(metrics),
+        let run = async move {
+            let listeners = Listeners {
+                mirror: TcpListener::from_std(mirror)
+                    .map_err(|e| shoal_agent::AgentError::Internal(e.to_string()))?,
+                metrics: Some(
+                    TcpListener::from_std(metrics)
+                        .map_err(|e| shoal_agent::AgentError::Internal(e.to_string()))?,
+                ),
+            };
+            shoal_agent::run(config, listeners, async move {
+                let _ = rx.await;
+            })
+            .await
         };
-        let task = tokio::spawn(shoal_agent::run(config, listeners, async move {
-            let _ = rx.await;
-        }));
-        let agent = TestAgent {
+        let (task, runtime) = if opts.own_runtime {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name(format!("agent-{}", opts.ip))
+                .enable_all()
+                .build()
+                .context("building the agent's runtime")?;
+            (rt.spawn(run), Some(rt))
+        } else {
+            (tokio::spawn(run), None)
+        };
+        let mut agent = TestAgent {
             mirror: mirror_addr,
             metrics: metrics_addr,
             store_root,
             _store_dir: temp,
             shutdown: Some(tx),
             task: Some(task),
+            runtime,
         };
         let url = format!("{}/v2/", agent.url());
-        wait_until(Duration::from_secs(10), "test agent answers /v2/", || {
+        let ready = wait_until(opts.ready_timeout, "test agent answers /v2/", || {
             let url = url.clone();
+            let finished = agent.task.as_ref().is_some_and(JoinHandle::is_finished);
             async move {
-                http_get(&url, Duration::from_secs(2))
-                    .await
-                    .is_ok_and(|r| r.status == 200)
+                finished
+                    || http_get(&url, Duration::from_secs(2))
+                        .await
+                        .is_ok_and(|r| r.status == 200)
             }
         })
-        .await?;
+        .await;
+        // Fail with the agent's own error if it stopped (bad config, enrollment refused).
+        if let Some(task) = agent.task.take_if(|t| t.is_finished()) {
+            return match task.await {
+                Ok(Ok(())) => Err(anyhow::anyhow!("test agent stopped right after starting")),
+                Ok(Err(e)) => Err(anyhow::Error::from(e).context("test agent failed to start")),
+                Err(e) => Err(anyhow::anyhow!("test agent panicked at start: {e}")),
+            };
+        }
+        ready?;
         Ok(agent)
     }
 
@@ -174,6 +227,27 @@ impl TestAgent {
         self.stop_inner().await
     }
 
+    /// Ends the agent at once, like a crash: every task it spawned (mirror, peer endpoint,
+    /// control sessions, downloads) is dropped without a goodbye, and its sockets close
+    /// without sending anything. The store stays on disk. Needs [`AgentOptions::own_runtime`]
+    /// (without it, tasks the agent spawned on the shared runtime would live on).
+    pub fn kill(&mut self) -> Result<()> {
+        let Some(rt) = self.runtime.take() else {
+            bail!("kill needs an agent started with own_runtime");
+        };
+        // Keep the shutdown sender: dropping it would start a graceful shutdown.
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        rt.shutdown_background();
+        Ok(())
+    }
+
+    /// Whether the agent's main task is still running.
+    pub fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
     async fn stop_inner(&mut self) -> Result<()> {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -183,6 +257,9 @@ impl TestAgent {
                 .await
                 .context("agent did not stop within 40 s")?
                 .context("agent task panicked")??;
+        }
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
         Ok(())
     }
@@ -195,6 +272,10 @@ impl Drop for TestAgent {
         }
         if let Some(task) = self.task.take() {
             task.abort();
+        }
+        // Not a plain drop: dropping a runtime from async code panics.
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
         }
     }
 }

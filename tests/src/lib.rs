@@ -21,6 +21,8 @@
 //! ```
 
 pub mod agent;
+pub mod bad_peer;
+pub mod cluster;
 pub mod coordinator;
 pub mod garage;
 pub mod http;
