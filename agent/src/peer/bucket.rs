@@ -12,6 +12,9 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
+/// Debts worth less than this are carried to the next take instead of slept off.
+const MIN_WAIT: Duration = Duration::from_millis(5);
+
 /// A rate limit in bytes per second with a burst allowance. `None` rate: unlimited.
 #[derive(Debug)]
 pub struct TokenBucket {
@@ -67,12 +70,12 @@ impl TokenBucket {
         st.tokens = (st.tokens + elapsed * rate).min(self.burst);
         st.last = now;
         st.tokens -= n as f64;
-        if st.tokens < 0.0 {
-            let wait = Duration::from_secs_f64(-st.tokens / rate);
-            tokio::time::sleep(wait).await;
-            // Exactly the debt was paid back during the wait.
-            st.tokens = 0.0;
-            st.last = Instant::now();
+        // Small debts are carried rather than slept off: QUIC hands over data a packet at a
+        // time, and a sleep per packet would be rounded up to the timer's millisecond.
+        if st.tokens < -rate * MIN_WAIT.as_secs_f64() {
+            // The next taker credits the time actually slept (timer overshoot included), so
+            // the long-run rate stays exact.
+            tokio::time::sleep(Duration::from_secs_f64(-st.tokens / rate)).await;
         }
     }
 }
@@ -115,6 +118,23 @@ mod tests {
             e >= Duration::from_millis(99) && e <= Duration::from_millis(101),
             "{e:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn packet_sized_takes_keep_the_rate() {
+        // 1200-byte takes at 32 MiB/s: a sleep per take would cap this far below the rate.
+        let rate = 32 << 20;
+        let b = TokenBucket::new(Some(rate), 64 * 1024);
+        let t0 = Instant::now();
+        let total = 16 << 20;
+        let mut sent = 0u64;
+        while sent < total {
+            b.take(1200).await;
+            sent += 1200;
+        }
+        let e = (Instant::now() - t0).as_secs_f64();
+        let expected = (total - 64 * 1024) as f64 / rate as f64;
+        assert!((e - expected).abs() < 0.02, "{e} s, expected {expected} s");
     }
 
     #[tokio::test(start_paused = true)]

@@ -145,7 +145,8 @@ impl PeerInner {
         let (n, c) = (node.clone(), conn.clone());
         tokio::spawn(
             async move { serve_connection(inner, n, c).await }
-                .instrument(info_span!("peer_conn", peer = %node, peer.addr = %addr)),
+                // Its own root span: the connection outlives the download that opened it.
+                .instrument(info_span!(parent: None, "peer_conn", peer = %node, peer.addr = %addr)),
         );
         Ok(conn)
     }

@@ -506,3 +506,42 @@ async fn with_no_peer_and_no_slot_the_origin_is_read_anyway() {
     let got = within("pull", b.pull(&d)).await.unwrap();
     assert!(got == blob);
 }
+
+/// Throughput of one peer-to-peer transfer on loopback, unshaped and shaped (not a test of
+/// correctness: run it with `--ignored --nocapture` to see the figures).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn throughput() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let size = 128 << 20;
+    let blob = random_blob(size, 9);
+    for (name, limit) in [
+        ("unshaped", None),
+        ("download_limit 32MiB/s", Some(32 << 20)),
+    ] {
+        let config = PeerConfig {
+            download_limit: limit,
+            ..PeerConfig::default()
+        };
+        let a = TestNode::start(
+            &tracker,
+            &ca,
+            "node-a",
+            90,
+            &origin.url(),
+            PeerConfig::default(),
+        )
+        .await;
+        let b = TestNode::start(&tracker, &ca, "node-b", 91, &origin.url(), config).await;
+        let d = a.seed(&blob).await;
+        let t = tokio::time::Instant::now();
+        let got = within("pull", b.pull(&d)).await.unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        assert!(got == blob);
+        println!(
+            "{name}: {size} bytes in {secs:.2}s = {:.1} MiB/s",
+            size as f64 / secs / 1048576.0
+        );
+    }
+}
