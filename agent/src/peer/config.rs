@@ -79,7 +79,7 @@ impl Default for PeerConfig {
             stall_timeout: Duration::from_secs(5),
             origin_fallback: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(3),
-            idle_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(6),
         }
     }
 }

@@ -51,6 +51,11 @@ const HASH_BATCH_DELAY: Duration = Duration::from_millis(100);
 /// Locate again when fewer usable peers than this, at most this often.
 const FEW_PEERS: usize = 4;
 const RELOCATE_EVERY: Duration = Duration::from_secs(2);
+/// How long a blob whose swarm download failed verification is read from the origin
+/// directly.
+const DISTRUST: Duration = Duration::from_secs(600);
+/// How often a slot holder republishes every hash it knows.
+const REPUBLISH_EVERY: Duration = Duration::from_secs(10);
 /// Upper bound on one piece request, whatever the swarm's timers say.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Data progress is reported to the swarm at most this often per transfer.
@@ -143,6 +148,13 @@ pub(crate) async fn run(
     digest: &Digest,
 ) -> SwarmOutcome {
     let control = &inner.control;
+    if let Some(when) = lock(&inner.distrusted).get(digest)
+        && when.elapsed() < DISTRUST
+    {
+        return SwarmOutcome::Fallback(
+            "the last swarm download of this blob failed verification".into(),
+        );
+    }
     // Subscribed before the locate, so no slot or hash sent in between is missed.
     let coord = control.subscribe(digest);
     let reply = match control.locate(digest, true).await {
@@ -187,6 +199,8 @@ pub(crate) async fn run(
         candidates: Vec::new(),
         candidates_checking: 0,
         hash_kick: None,
+        contradicted: false,
+        republished: None,
         slot: false,
         ever_slot: false,
         forced_origin: false,
@@ -202,7 +216,17 @@ pub(crate) async fn run(
     let outcome = match result {
         Ok(size) => SwarmOutcome::Done(size),
         Err(Stop::Fallback(reason)) => SwarmOutcome::Fallback(reason),
-        Err(Stop::Failed(e)) => SwarmOutcome::Failed(e),
+        Err(Stop::Failed(e)) => {
+            if e.is_verification_failure() || dl.contradicted {
+                // Hashes from the swarm let a wrong blob through to the final check: the next
+                // attempt reads the origin directly, so a lying cluster cannot fail a pull
+                // twice.
+                let mut d = lock(&inner.distrusted);
+                d.retain(|_, t| t.elapsed() < DISTRUST);
+                d.insert(digest.clone(), Instant::now());
+            }
+            SwarmOutcome::Failed(e)
+        }
     };
     dl.cleanup(matches!(outcome, SwarmOutcome::Done(_))).await;
     {
@@ -269,6 +293,10 @@ struct Download<'a> {
     candidates_checking: usize,
     /// Wakes the prefix hasher thread.
     hash_kick: Option<std::sync::mpsc::Sender<()>>,
+    /// A piece already streamed to clients was contradicted by the anchored manifest.
+    contradicted: bool,
+    /// When hashes were last republished (see `republish_hashes`).
+    republished: Option<Instant>,
     /// Whether the tracker grants this agent the origin slot now; whether it ever did.
     slot: bool,
     ever_slot: bool,
@@ -522,12 +550,38 @@ impl Download<'_> {
         if granted && !self.slot {
             info!("holding the origin slot");
         }
+        if granted {
+            self.republish_hashes();
+        }
         self.slot = granted;
         self.ever_slot |= granted;
         let now = self.now();
         self.swarm.set_origin(granted || self.forced_origin, now);
         if self.geometry.is_some() {
             self.hub.set_spreading(granted);
+        }
+    }
+
+    /// Queues every hash this agent read from the origin so far. A coordinator that took the
+    /// blob over from a failed one, or that granted the slot again, knows none of them; the
+    /// tracker keeps the first hash it hears and ignores repeats. At most every few seconds.
+    fn republish_hashes(&mut self) {
+        let now = Instant::now();
+        if self.republished.is_some_and(|t| now - t < REPUBLISH_EVERY) {
+            return;
+        }
+        self.republished = Some(now);
+        if self.swarm.geometry().is_none() {
+            return;
+        }
+        let have = self.swarm.have().clone();
+        for piece in have.ones() {
+            if let Some(h) = self.swarm.hash(piece) {
+                self.hash_batch.push((piece, *h));
+            }
+        }
+        if !self.hash_batch.is_empty() {
+            self.hash_batch_since.get_or_insert(now);
         }
     }
 
@@ -849,6 +903,7 @@ impl Download<'_> {
                     .and_then(|g| g.range(piece))
                     .map_or(0, |r| r.start);
                 if start < self.flight.written() {
+                    self.contradicted = true;
                     return Err(Stop::Failed(FetchError::Internal(format!(
                         "piece {piece} was streamed to clients and then contradicted by the anchored manifest"
                     ))));
@@ -938,6 +993,20 @@ impl Download<'_> {
                 );
                 self.last_progress = Some(now);
                 self.last_have = count;
+            }
+        }
+        let refused: Vec<NodeId> = self
+            .sessions
+            .keys()
+            .filter(|p| self.inner.control.is_refused(p))
+            .cloned()
+            .collect();
+        for peer in refused {
+            warn!(peer = %peer, "the cluster refuses this peer now; dropped");
+            self.sessions.remove(&peer);
+            self.swarm.remove_peer(&peer);
+            if let Some(c) = self.inner.connection(&peer) {
+                c.close(super::code::REFUSED, b"refused");
             }
         }
         if !self.swarm.is_complete() {

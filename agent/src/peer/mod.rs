@@ -135,6 +135,9 @@ pub(crate) struct PeerInner {
     /// Blobs being downloaded, whose verified pieces are served.
     hubs: Mutex<HashMap<Digest, Arc<Hub>>>,
     uploads: Mutex<UploadSlots<NodeId>>,
+    /// Blobs whose last swarm download failed verification, and when: read from the origin
+    /// directly for a while.
+    distrusted: Mutex<HashMap<Digest, tokio::time::Instant>>,
     sessions: AtomicU64,
     closing: CancellationToken,
     /// Misbehaviour injected by tests.
@@ -218,6 +221,7 @@ impl Peer {
             connecting: Mutex::new(HashMap::new()),
             hubs: Mutex::new(HashMap::new()),
             uploads: Mutex::new(uploads),
+            distrusted: Mutex::new(HashMap::new()),
             sessions: AtomicU64::new(0),
             closing: CancellationToken::new(),
             #[cfg(test)]

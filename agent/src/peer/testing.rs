@@ -394,6 +394,14 @@ impl Origin {
         d
     }
 
+    /// Serves `bytes` under `digest`, whatever they hash to (a corrupt origin).
+    pub(crate) fn put(&self, digest: &Digest, bytes: &[u8]) {
+        self.blobs
+            .lock()
+            .unwrap()
+            .insert(digest.clone(), Bytes::copy_from_slice(bytes));
+    }
+
     pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

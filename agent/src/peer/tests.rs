@@ -465,6 +465,119 @@ async fn a_corrupt_peer_is_reported_and_nothing_bad_is_committed() {
 }
 
 #[tokio::test]
+async fn a_blob_that_fails_its_digest_aborts_every_client_and_then_goes_direct() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let blob = random_blob(6 * PL, 10);
+    let d = Digest::sha256_of(&blob);
+    let mut bad = blob.clone();
+    bad[5 * PL + 7] ^= 1;
+    // The origin serves wrong bytes: the seeder's provisional hashes describe them, so every
+    // piece checks out and only the whole-blob digest can tell.
+    origin.put(&d, &bad);
+    let a = TestNode::start(
+        &tracker,
+        &ca,
+        "node-a",
+        70,
+        &origin.url(),
+        PeerConfig::default(),
+    )
+    .await;
+    let b = TestNode::start(
+        &tracker,
+        &ca,
+        "node-b",
+        71,
+        &origin.url(),
+        PeerConfig::default(),
+    )
+    .await;
+    let (ra, rb) = within("pulls", futures::future::join(a.pull(&d), b.pull(&d))).await;
+    assert!(
+        ra.is_err() && rb.is_err(),
+        "a client got a complete-looking wrong blob"
+    );
+    assert!(
+        !a.store.contains(&d) && !b.store.contains(&d),
+        "a wrong blob was committed"
+    );
+    assert!(
+        a.metrics
+            .encode()
+            .contains("shoal_agent_verification_failures_total 1")
+    );
+    // The origin is fixed; the next pull reads it directly instead of trusting the swarm's
+    // hashes again.
+    origin.put(&d, &blob);
+    let before = origin.served();
+    let got = within("second pull", a.pull(&d)).await.unwrap();
+    assert!(got == blob);
+    assert_eq!(
+        origin.served() - before,
+        blob.len() as u64,
+        "one direct read of the blob"
+    );
+}
+
+#[tokio::test]
+async fn an_interrupted_download_resumes_with_its_re_verified_pieces() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let a = TestNode::start(
+        &tracker,
+        &ca,
+        "node-a",
+        80,
+        &origin.url(),
+        PeerConfig::default(),
+    )
+    .await;
+    let b = TestNode::start(
+        &tracker,
+        &ca,
+        "node-b",
+        81,
+        &origin.url(),
+        PeerConfig::default(),
+    )
+    .await;
+    let blob = random_blob(10 * PL, 11);
+    let d = a.seed(&blob).await;
+    let g = Geometry::for_size(blob.len() as u64);
+    let piece = |i: u32| {
+        let r = g.range(i).unwrap();
+        blob[r.start as usize..r.end as usize].to_vec()
+    };
+    // What a crash left at B: pieces 0-3 recorded (3 damaged on disk), 4 written unrecorded.
+    {
+        let (store, d) = (b.store.clone(), d.clone());
+        let mut damaged = piece(3);
+        damaged[9] ^= 1;
+        let pieces = (0..4).map(piece).collect::<Vec<_>>();
+        let four = piece(4);
+        tokio::task::spawn_blocking(move || {
+            let ing = store.piece_ingest(&d).unwrap();
+            ing.set_geometry(g).unwrap();
+            for (i, p) in pieces.iter().enumerate() {
+                let bytes = if i == 3 { &damaged } else { p };
+                ing.write_piece(i as u32, bytes).unwrap();
+            }
+            ing.checkpoint().unwrap();
+            ing.write_piece(4, &four).unwrap();
+        })
+        .await
+        .unwrap();
+    }
+    let got = within("pull", b.pull(&d)).await.unwrap();
+    assert!(got == blob);
+    // Pieces 0-2 came from disk; 3 (damaged) and 4 (unrecorded) and the rest from A.
+    let text = b.metrics.encode();
+    let want = format!("shoal_agent_peer_received_bytes_total {}", 7 * PL);
+    assert!(text.contains(&want), "{text}");
+}
+
+#[tokio::test]
 async fn without_a_coordinator_the_pull_reads_the_origin() {
     let (tracker, ca) = cluster();
     let origin = Origin::start().await;
