@@ -1161,8 +1161,12 @@ impl<P: PeerKey> Swarm<P> {
                 .count() as u32;
             let mut i = self.next_missing;
             while ranges < self.config.origin_ranges && i < n {
+                // A piece whose hash is unknown is never asked of a peer (nothing could check
+                // it), so a peer claiming it is no source: only the origin is.
                 let fetchable = |s: &Self, i: u32| {
-                    !s.have.get(i) && s.inflight[i as usize] == 0 && s.avail[i as usize] == 0
+                    !s.have.get(i)
+                        && s.inflight[i as usize] == 0
+                        && (s.avail[i as usize] == 0 || s.hashes[i as usize].is_none())
                 };
                 if !fetchable(self, i) {
                     i += 1;
@@ -1580,6 +1584,47 @@ mod tests {
             !events(&mut s)
                 .iter()
                 .any(|e| matches!(e, Event::PieceDiscarded { .. }))
+        );
+    }
+
+    #[test]
+    fn pieces_peers_claim_without_a_known_hash_come_from_the_origin() {
+        // A peer claims the whole blob before any hash is known (a liar, or a holder whose
+        // manifest the tracker lost): nothing can be asked of it, so the origin must be.
+        let blob = Blob::new(6);
+        let mut s: Swarm<u32> = Swarm::new(
+            blob.manifest.digest().clone(),
+            SwarmConfig {
+                origin_ranges: 2,
+                origin_range_pieces: 3,
+                ..SwarmConfig::default()
+            },
+            t(0),
+        );
+        s.add_peer(7);
+        assert!(s.set_size(blob.data.len() as u64));
+        s.handle_have(&7, &Bitmap::full(6));
+        s.set_origin(true, t(0));
+        let tx = transmits(&mut s, t(0));
+        assert!(requests(&tx).is_empty(), "{tx:?}");
+        assert_eq!(
+            tx,
+            vec![
+                Transmit::FetchOrigin { pieces: 0..3 },
+                Transmit::FetchOrigin { pieces: 3..6 }
+            ]
+        );
+        // Once a piece's hash is known, the peer is a source for it again.
+        let mut s = swarm(&blob, SwarmConfig::default());
+        s.add_peer(7);
+        s.handle_have(&7, &Bitmap::full(6));
+        s.set_origin(true, t(0));
+        let tx = transmits(&mut s, t(0));
+        assert_eq!(requests(&tx).len(), 4, "{tx:?}");
+        assert!(
+            !tx.iter()
+                .any(|t| matches!(t, Transmit::FetchOrigin { pieces } if pieces.start < 4)),
+            "{tx:?}"
         );
     }
 
