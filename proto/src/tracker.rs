@@ -370,9 +370,12 @@ impl Tracker {
         );
         b.interested.remove(node);
         b.waiting.retain(|n| n != node);
-        // A complete copy in the cluster: nobody needs the origin for this blob any more.
         b.seeders.retain(|s| &s.node != node);
-        b.waiting.clear();
+        // A complete copy whose pieces can be checked: nobody needs the origin for this blob
+        // any more. (Without the manifest, the claim proves nothing; see `handle_locate`.)
+        if self.manifests.contains_key(digest) {
+            b.waiting.clear();
+        }
     }
 
     /// Answers a locate: the manifest (or provisional hashes), up to `max_peers` peers, and
@@ -435,11 +438,14 @@ impl Tracker {
         let max = self.config.max_peers.min(MAX_PEERS);
         let chosen: Vec<NodeId> = ranked.iter().take(max).map(|r| r.4.clone()).collect();
 
-        // Origin slot.
-        let has_complete = b
-            .holders
-            .iter()
-            .any(|(n, h)| h.complete && self.nodes.get(n).is_some_and(|i| !i.quarantined(now)));
+        // Origin slot. A complete copy only makes the origin unnecessary when its pieces can
+        // be checked, i.e. with the anchored manifest known here: a "complete" claim without
+        // one (a liar, or a holder whose manifest this coordinator never saw) would otherwise
+        // keep every downloader from the origin with nothing verifiable to fetch instead.
+        let has_complete = self.manifests.contains_key(digest)
+            && b.holders
+                .iter()
+                .any(|(n, h)| h.complete && self.nodes.get(n).is_some_and(|i| !i.quarantined(now)));
         let mut origin = b.seeders.iter().any(|s| &s.node == node);
         if !origin && want_origin && !complete {
             if b.seeders.len() < self.config.origin_slots_per_blob && !has_complete {
@@ -764,10 +770,11 @@ impl Tracker {
         let Some(b) = self.blobs.get(digest) else {
             return;
         };
-        let has_complete = b
-            .holders
-            .iter()
-            .any(|(n, h)| h.complete && self.nodes.get(n).is_some_and(|i| !i.quarantined(now)));
+        // As in `handle_locate`: only a complete copy whose pieces can be checked counts.
+        let has_complete = self.manifests.contains_key(digest)
+            && b.holders
+                .iter()
+                .any(|(n, h)| h.complete && self.nodes.get(n).is_some_and(|i| !i.quarantined(now)));
         if has_complete {
             return;
         }
@@ -1018,6 +1025,49 @@ mod tests {
     }
 
     #[test]
+    fn a_complete_claim_without_a_manifest_does_not_hold_back_the_origin() {
+        // A node claims a blob nobody has read yet (or whose manifest this coordinator never
+        // saw): nothing it would send could be checked, so the origin slot is still granted,
+        // and the line of waiting agents is not cleared by the claim.
+        let mut tr = Tracker::new(TrackerConfig::default());
+        for n in ["liar", "a", "b"] {
+            hello(&mut tr, n, "", t(0));
+        }
+        let claim = Announce {
+            complete: vec![digest()],
+            partial: vec![],
+        };
+        tr.handle_announce(&id("liar"), &claim, t(0)).unwrap();
+        let r = tr
+            .handle_locate(&id("a"), 0, &digest(), true, t(1))
+            .unwrap();
+        assert!(r.origin, "no slot while only an unverifiable claim exists");
+        assert!(r.peers.iter().any(|p| p.node == id("liar")));
+        let r = tr
+            .handle_locate(&id("b"), 0, &digest(), true, t(1))
+            .unwrap();
+        assert!(!r.origin);
+        tr.handle_announce(&id("liar"), &claim, t(2)).unwrap();
+        // The seeder gives up: b, still in line, gets the slot.
+        tr.handle_release_origin(&id("a"), &digest(), t(3)).unwrap();
+        let granted: Vec<(NodeId, CoordMsg)> = std::iter::from_fn(|| tr.poll_transmit()).collect();
+        assert!(
+            granted
+                .iter()
+                .any(|(n, m)| *n == id("b")
+                    && matches!(m, CoordMsg::OriginSlot { granted: true, .. })),
+            "{granted:?}"
+        );
+        // Once the manifest is known, a complete copy does make the origin unnecessary.
+        tr.insert_manifest(PieceManifest::new(digest(), 0, MIN_PIECE_LEN, vec![]).unwrap());
+        hello(&mut tr, "c", "", t(4));
+        let r = tr
+            .handle_locate(&id("c"), 0, &digest(), true, t(4))
+            .unwrap();
+        assert!(!r.origin);
+    }
+
+    #[test]
     fn peers_prefer_zone_then_load_and_are_bounded() {
         let mut tr = Tracker::new(TrackerConfig {
             max_peers: 4,
@@ -1045,10 +1095,11 @@ mod tests {
             )
             .unwrap();
         }
+        // A complete copy exists and its manifest is known: no origin for anyone.
+        tr.insert_manifest(PieceManifest::new(digest(), 0, MIN_PIECE_LEN, vec![]).unwrap());
         let r = tr
             .handle_locate(&id("asker"), 0, &digest(), true, t(1))
             .unwrap();
-        // A complete copy exists: no origin for anyone.
         assert!(!r.origin);
         let names: Vec<&str> = r.peers.iter().map(|p| p.node.as_str()).collect();
         assert_eq!(names, vec!["h0", "h1", "h2", "h3"]);

@@ -345,8 +345,16 @@ async fn enroll_announce_locate_and_one_origin_slot() -> Result<()> {
             "{again:?}"
         );
 
-        // Announce: c holds blob 2; a finds it there.
+        // Announce: c read blob 2 from the origin (with the slot), published its manifest and
+        // holds it; a finds it there.
         let d2 = digest(2);
+        ensure!(c.locate(&d2, true).await?.origin, "c gets blob 2's slot");
+        let mut hasher = shoal_proto::manifest::PieceHasher::new(
+            b"blob 2".len() as u64,
+            shoal_proto::Algorithm::Sha256,
+        )?;
+        hasher.update(b"blob 2")?;
+        c.send(&d2, AgentMsg::PublishManifest(hasher.finish(&d2)?));
         c.send(
             &d2,
             AgentMsg::Announce(Announce {
@@ -366,7 +374,7 @@ async fn enroll_announce_locate_and_one_origin_slot() -> Result<()> {
         // Metrics.
         let m = |name: &'static str| coord.metric_sum(name, &[]);
         ensure!(m("shoal_coordinator_cluster_nodes_connected").await? == 3.0);
-        ensure!(m("shoal_coordinator_cluster_origin_slots_granted_total").await? == 2.0);
+        ensure!(m("shoal_coordinator_cluster_origin_slots_granted_total").await? == 3.0);
         ensure!(m("shoal_coordinator_cluster_locates_total").await? >= 5.0);
         ensure!(
             coord
