@@ -103,8 +103,8 @@ pub struct TestAgent {
     _store_dir: Option<TempDir>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), shoal_agent::AgentError>>>,
-    /// The agent's own runtime, with [`AgentOptions::own_runtime`].
-    runtime: Option<tokio::runtime::Runtime>,
+    /// The agent's own runtime, with [`AgentOptions::own_runtime`] (taken by a kill).
+    runtime: std::sync::Mutex<Option<tokio::runtime::Runtime>>,
 }
 
 impl TestAgent {
@@ -166,7 +166,7 @@ impl TestAgent {
             _store_dir: temp,
             shutdown: Some(tx),
             task: Some(task),
-            runtime,
+            runtime: std::sync::Mutex::new(runtime),
         };
         let url = format!("{}/v2/", agent.url());
         let ready = wait_until(opts.ready_timeout, "test agent answers /v2/", || {
@@ -231,16 +231,23 @@ impl TestAgent {
     /// control sessions, downloads) is dropped without a goodbye, and its sockets close
     /// without sending anything. The store stays on disk. Needs [`AgentOptions::own_runtime`]
     /// (without it, tasks the agent spawned on the shared runtime would live on).
-    pub fn kill(&mut self) -> Result<()> {
-        let Some(rt) = self.runtime.take() else {
-            bail!("kill needs an agent started with own_runtime");
+    pub fn kill(&self) -> Result<()> {
+        let Some(rt) = self.take_runtime() else {
+            bail!("kill needs a running agent started with own_runtime");
         };
         // Keep the shutdown sender: dropping it would start a graceful shutdown.
-        if let Some(task) = self.task.take() {
+        if let Some(task) = &self.task {
             task.abort();
         }
         rt.shutdown_background();
         Ok(())
+    }
+
+    fn take_runtime(&self) -> Option<tokio::runtime::Runtime> {
+        self.runtime
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 
     /// Whether the agent's main task is still running.
@@ -258,7 +265,7 @@ impl TestAgent {
                 .context("agent did not stop within 40 s")?
                 .context("agent task panicked")??;
         }
-        if let Some(rt) = self.runtime.take() {
+        if let Some(rt) = self.take_runtime() {
             rt.shutdown_background();
         }
         Ok(())
@@ -274,7 +281,7 @@ impl Drop for TestAgent {
             task.abort();
         }
         // Not a plain drop: dropping a runtime from async code panics.
-        if let Some(rt) = self.runtime.take() {
+        if let Some(rt) = self.take_runtime() {
             rt.shutdown_background();
         }
     }

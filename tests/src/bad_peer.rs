@@ -288,6 +288,42 @@ async fn answer(
     }
 }
 
+/// Asks the peer `server` at `addr` for one piece over a fresh connection from `from`:
+/// handshake, a `Request` stream, the first answer (`Piece` or `Reject`). Any refusal along the
+/// way (handshake, closed connection or stream) is an `Err`.
+pub async fn request_piece(
+    client: quinn::ClientConfig,
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    server: &NodeId,
+    digest: &Digest,
+    piece: u32,
+) -> Result<PeerMsg> {
+    let ep = quinn::Endpoint::client(SocketAddr::new(from, 0))?;
+    let attempt = async {
+        let conn = ep.connect_with(client, addr, server.as_str())?.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&wire::encode(&PeerMsg::Request {
+            digest: digest.clone(),
+            piece,
+        })?)
+        .await?;
+        let _ = send.finish();
+        let mut dec = Decoder::<PeerMsg>::new();
+        let mut buf = Vec::new();
+        let answer = read_frame(&mut recv, &mut dec, &mut buf)
+            .await
+            .context("no answer (stream or connection closed)");
+        conn.close(0u32.into(), b"done");
+        answer
+    };
+    let r = tokio::time::timeout(ATTEMPT_TIMEOUT, attempt)
+        .await
+        .context("peer attempt hung")?;
+    ep.wait_idle().await;
+    r
+}
+
 /// Who an [`Outsider`] claims to be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutsiderKind {
@@ -379,10 +415,9 @@ impl Outsider {
         )))
     }
 
-    /// Tries to get a piece of `digest` from the peer `server` at `addr`: handshake, a
-    /// `Request` stream, and an answer. Trusts `cluster_ca` for the server's certificate, so
-    /// only the server's verdict on this client matters. `Ok(answer)` means the server talked
-    /// to it; any refusal is an `Err`.
+    /// Tries to get piece 0 of `digest` from the peer `server` at `addr` (see
+    /// [`request_piece`]). Trusts `cluster_ca` for the server's certificate, so only the
+    /// server's verdict on this client matters. `Ok(answer)` means the server talked to it.
     pub async fn try_peer(
         &self,
         cluster_ca: &[u8],
@@ -391,27 +426,7 @@ impl Outsider {
         digest: &Digest,
     ) -> Result<PeerMsg> {
         let cfg = self.client(cluster_ca, Expect::Node, ALPN_PEER)?;
-        let ep = quinn::Endpoint::client(SocketAddr::new(self.ip, 0))?;
-        let attempt = async {
-            let conn = ep.connect_with(cfg, addr, server.as_str())?.await?;
-            let (mut send, mut recv) = conn.open_bi().await?;
-            send.write_all(&wire::encode(&PeerMsg::Request {
-                digest: digest.clone(),
-                piece: 0,
-            })?)
-            .await?;
-            let _ = send.finish();
-            let mut dec = Decoder::<PeerMsg>::new();
-            let mut buf = Vec::new();
-            read_frame(&mut recv, &mut dec, &mut buf)
-                .await
-                .context("no answer (stream or connection closed)")
-        };
-        let r = tokio::time::timeout(ATTEMPT_TIMEOUT, attempt)
-            .await
-            .context("peer attempt hung")?;
-        ep.close(0u32.into(), b"done");
-        r
+        request_piece(cfg, self.ip, addr, server, digest, 0).await
     }
 
     /// Tries to open a control session with coordinator `name` at `addr`: handshake, `Hello`,

@@ -33,11 +33,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use http::Method;
-use shoal_agent::cluster::{ClusterConfig, ClusterTimers, CoordinatorAddr, FrontDoorTrust};
+use shoal_agent::cluster::{
+    Cluster, ClusterConfig, ClusterTimers, CoordinatorAddr, FrontDoorTrust,
+};
 use shoal_proto::enroll::BootstrapToken;
 use shoal_proto::msg::{NodeId, Zone};
 use tempfile::TempDir;
 use tokio::net::UdpSocket;
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::agent::{AgentOptions, TestAgent};
@@ -205,11 +208,41 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// A member with a control plane only (a `shoal_agent::cluster::Cluster`, no agent around
+/// it): enrolled, with control sessions, and the peer TLS configurations every agent uses.
+/// Stops on drop.
+pub struct Member {
+    cluster: Cluster,
+    ip: IpAddr,
+    _stop: oneshot::Sender<()>,
+    _state: TempDir,
+}
+
+impl std::ops::Deref for Member {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
+}
+
+impl Member {
+    pub fn ip(&self) -> IpAddr {
+        self.ip
+    }
+}
+
 /// One coordinator of the cluster.
 struct Coord {
     name: String,
     relay: UdpRelay,
-    coordinator: Option<TestCoordinator>,
+    coordinator: TestCoordinator,
+    killed: AtomicBool,
+}
+
+impl Coord {
+    fn alive(&self) -> Option<&TestCoordinator> {
+        (!self.killed.load(Ordering::Relaxed)).then_some(&self.coordinator)
+    }
 }
 
 /// One agent of the cluster.
@@ -220,7 +253,7 @@ pub struct ClusterAgent {
     /// Where its peer endpoint listens (and what it advertises).
     pub peer_addr: SocketAddr,
     agent: TestAgent,
-    killed: bool,
+    killed: AtomicBool,
 }
 
 impl std::fmt::Debug for ClusterAgent {
@@ -228,7 +261,7 @@ impl std::fmt::Debug for ClusterAgent {
         f.debug_struct("ClusterAgent")
             .field("name", &self.name)
             .field("mirror", &self.agent.host_port())
-            .field("killed", &self.killed)
+            .field("killed", &self.is_killed())
             .finish()
     }
 }
@@ -239,7 +272,7 @@ impl ClusterAgent {
     }
 
     pub fn is_killed(&self) -> bool {
-        self.killed
+        self.killed.load(Ordering::Relaxed)
     }
 
     pub fn node(&self) -> NodeId {
@@ -328,7 +361,8 @@ impl TestCluster {
             coords.push(Coord {
                 name: name.clone(),
                 relay,
-                coordinator: Some(coordinator),
+                coordinator,
+                killed: AtomicBool::new(false),
             });
         }
         // One bundle with every front door's CA (each test coordinator made its own).
@@ -364,11 +398,7 @@ impl TestCluster {
             self.opts.agent_cluster_toml,
         );
         for c in &self.coords {
-            let https = c
-                .coordinator
-                .as_ref()
-                .map(|c| c.https_addr().port())
-                .unwrap_or(1);
+            let https = c.coordinator.https_addr().port();
             t.push_str(&format!(
                 "[[cluster.coordinator]]\nname = \"{}\"\nenroll_url = \"https://127.0.0.1:{https}\"\nctl_addr = \"{}\"\n",
                 c.name,
@@ -395,11 +425,7 @@ impl TestCluster {
                 .coords
                 .iter()
                 .map(|c| {
-                    let https = c
-                        .coordinator
-                        .as_ref()
-                        .map(|c| c.https_addr().port())
-                        .unwrap_or(1);
+                    let https = c.coordinator.https_addr().port();
                     Ok(CoordinatorAddr {
                         name: NodeId::new(&c.name)?,
                         enroll_url: format!("https://127.0.0.1:{https}"),
@@ -411,6 +437,36 @@ impl TestCluster {
             front_door: FrontDoorTrust::CaFile(self.front_door_ca_file()),
             state_dir: state_dir.to_owned(),
             timers: ClusterTimers::default(),
+        })
+    }
+
+    /// Enrolls a control-plane-only member `name` on `ip` and waits for its control sessions.
+    pub async fn start_member(&self, name: &str, ip: Ipv4Addr) -> Result<Member> {
+        let ipa = IpAddr::V4(ip);
+        let state = tempfile::Builder::new().prefix("shoal-member-").tempdir()?;
+        let peer = SocketAddr::new(ipa, free_udp_port(ipa)?);
+        let cfg = self.member_config(name, peer, &state.path().join("cluster"))?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let cluster = Cluster::start(cfg, async move {
+            let _ = stopped.await;
+        })
+        .await
+        .with_context(|| format!("member {name} could not join"))?;
+        let want = self.coords.iter().filter(|c| c.alive().is_some()).count();
+        wait_until(
+            Duration::from_secs(15),
+            &format!("{name} has its control sessions"),
+            || {
+                let n = cluster.connected_coordinators().len();
+                async move { n == want }
+            },
+        )
+        .await?;
+        Ok(Member {
+            cluster,
+            ip: ipa,
+            _stop: stop,
+            _state: state,
         })
     }
 
@@ -446,13 +502,13 @@ impl TestCluster {
             ip,
             peer_addr,
             agent,
-            killed: false,
+            killed: AtomicBool::new(false),
         })
     }
 
     /// Waits until every coordinator still running reports `n` connected nodes.
     pub async fn wait_connected(&self, n: usize) -> Result<()> {
-        for c in self.coords.iter().filter_map(|c| c.coordinator.as_ref()) {
+        for c in self.coords.iter().filter_map(Coord::alive) {
             wait_until(
                 Duration::from_secs(30),
                 &format!("{n} nodes connected to a coordinator"),
@@ -478,7 +534,7 @@ impl TestCluster {
 
     /// Coordinator `j`, unless it was killed.
     pub fn coordinator(&self, j: usize) -> Option<&TestCoordinator> {
-        self.coords.get(j)?.coordinator.as_ref()
+        self.coords.get(j)?.alive()
     }
 
     /// The front doors' CA certificates (PEM), what members trust when they enroll.
@@ -531,7 +587,7 @@ impl TestCluster {
         opts: &CopyOptions,
     ) -> Result<CopyOutput> {
         let a = &self.agents[i];
-        ensure!(!a.killed, "agent {} was killed", a.name);
+        ensure!(!a.is_killed(), "agent {} was killed", a.name);
         let src = format!("{}/{name}", a.agent.host_port());
         Skopeo::pull(&src, out, opts)
             .await
@@ -539,19 +595,19 @@ impl TestCluster {
     }
 
     /// Ends agent `i` like a crash (see [`TestAgent::kill`]); its store stays for inspection.
-    pub fn kill_agent(&mut self, i: usize) -> Result<()> {
-        let a = &mut self.agents[i];
+    pub fn kill_agent(&self, i: usize) -> Result<()> {
+        let a = &self.agents[i];
         a.agent.kill()?;
-        a.killed = true;
+        a.killed.store(true, Ordering::Relaxed);
         Ok(())
     }
 
-    /// Kills coordinator `j` like a host losing power: its control channel goes silent
-    /// first (agents hear nothing, not even a close), then it is stopped.
-    pub fn kill_coordinator(&mut self, j: usize) -> Result<()> {
-        let c = self.coords.get_mut(j).context("no such coordinator")?;
+    /// Kills coordinator `j` like a host losing power: its control channel goes silent (the
+    /// agents hear nothing from it again, not even a close). It is stopped with the cluster.
+    pub fn kill_coordinator(&self, j: usize) -> Result<()> {
+        let c = self.coords.get(j).context("no such coordinator")?;
         c.relay.kill();
-        if c.coordinator.take().is_none() {
+        if c.killed.swap(true, Ordering::Relaxed) {
             bail!("coordinator {} was already killed", c.name);
         }
         Ok(())
