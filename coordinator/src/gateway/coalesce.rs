@@ -2,10 +2,13 @@
 //! request whose response is shared by every waiter.
 //!
 //! The first request starts a *flight*: a task that makes the upstream request and spools
-//! the response body into an unlinked temporary file. Every waiter, including ones that join
-//! late, reads that file from byte 0 up to what has been written so far (the way the agent's
-//! `fetch.rs` streams an ingest file), so nobody waits for the whole body and nobody misses its
-//! start. If the upstream body breaks, every waiter's body ends in an error and hyper aborts
+//! the response body into an unlinked temporary file. A waiter that joined late reads that file
+//! from byte 0 up to what has been written so far (the way the agent's `fetch.rs` streams an
+//! ingest file), so nobody waits for the whole body and nobody misses its start. Waiters that
+//! were there before the first byte (the one that started the flight, usually alone) get the
+//! upstream frames handed over as they come instead, sparing them the spool round trip, for as
+//! long as they keep up: one that falls `DIRECT_FRAMES` frames behind continues from the
+//! spool where it got to. If the upstream body breaks, every waiter's body ends in an error and hyper aborts
 //! its connection: a client never receives a truncated body that looks complete. When the
 //! last waiter goes away the flight stops. A flight is forgotten as soon as it ends: the
 //! coordinator shares in-flight requests, it does not cache.
@@ -32,6 +35,16 @@ use crate::metrics::Metrics;
 const READ_CHUNK: usize = 1 << 20;
 /// Upstream bytes gathered before a write to the spool.
 const WRITE_CHUNK: usize = 128 << 10;
+/// Upstream frames queued for a direct waiter; one further behind reads the spool instead.
+/// The queues share the frames, so a flight holds at most this many in memory.
+const DIRECT_FRAMES: usize = 16;
+
+/// What a flight hands its direct waiters.
+enum Direct {
+    Data(Bytes),
+    /// The upstream body ended cleanly after the data sent before.
+    End,
+}
 
 /// What a flight is for. Requests for the same digest in different repositories are not
 /// merged: the registry decides per repository whether the blob is linked there.
@@ -78,6 +91,29 @@ struct Progress {
 
 struct Flight {
     tx: watch::Sender<Progress>,
+    /// Channels of the waiters that joined before the first byte; `None` once the flight has
+    /// taken them.
+    direct: Mutex<Option<Vec<mpsc::Sender<Direct>>>>,
+}
+
+impl Flight {
+    /// A direct channel for a new waiter, if no byte has gone out yet.
+    fn direct_waiter(&self) -> Option<mpsc::Receiver<Direct>> {
+        let mut direct = self.direct.lock().unwrap_or_else(PoisonError::into_inner);
+        let senders = direct.as_mut()?;
+        let (tx, rx) = mpsc::channel(DIRECT_FRAMES);
+        senders.push(tx);
+        Some(rx)
+    }
+
+    /// Closes the list of direct waiters and returns it.
+    fn take_direct(&self) -> Vec<mpsc::Sender<Direct>> {
+        self.direct
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .unwrap_or_default()
+    }
 }
 
 /// The in-flight map.
@@ -130,6 +166,7 @@ impl Coalescer {
             return (
                 Subscription {
                     rx: f.tx.subscribe(),
+                    direct: f.direct_waiter(),
                 },
                 true,
             );
@@ -140,7 +177,11 @@ impl Coalescer {
             written: 0,
             file: None,
         });
-        let flight = Arc::new(Flight { tx });
+        let (direct_tx, direct_rx) = mpsc::channel(DIRECT_FRAMES);
+        let flight = Arc::new(Flight {
+            tx,
+            direct: Mutex::new(Some(vec![direct_tx])),
+        });
         flights.insert(key.clone(), Arc::clone(&flight));
         drop(flights);
         self.metrics.flight();
@@ -162,7 +203,13 @@ impl Coalescer {
                 flights.remove(&key);
             }
         });
-        (Subscription { rx }, false)
+        (
+            Subscription {
+                rx,
+                direct: Some(direct_rx),
+            },
+            false,
+        )
     }
 
     /// Runs one flight. `Err` carries the reason every waiter's body fails with.
@@ -208,6 +255,9 @@ impl Coalescer {
             Ok(())
         });
 
+        // Direct waiters get each frame as it comes; one whose queue is full (or that went
+        // away) is dropped from the list and, if still there, continues from the spool.
+        let mut direct: Option<Vec<mpsc::Sender<Direct>>> = None;
         let mut body = up.body;
         let mut buf = BytesMut::new();
         let mut failure: Option<Arc<str>> = None;
@@ -216,6 +266,9 @@ impl Coalescer {
                 None => break,
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
+                        direct
+                            .get_or_insert_with(|| flight.take_direct())
+                            .retain(|d| d.try_send(Direct::Data(data.clone())).is_ok());
                         buf.extend_from_slice(&data);
                     }
                     if buf.len() >= WRITE_CHUNK {
@@ -234,9 +287,18 @@ impl Coalescer {
                 }
             }
         }
-        if failure.is_none() && !buf.is_empty() {
-            let _ = chunks_tx.send(buf.freeze()).await;
+        let direct = direct.unwrap_or_else(|| flight.take_direct());
+        if failure.is_none() {
+            for d in &direct {
+                let _ = d.try_send(Direct::End);
+            }
+            if !buf.is_empty() {
+                let _ = chunks_tx.send(buf.freeze()).await;
+            }
         }
+        // After a failure the direct channels close without `End`: those waiters turn to the
+        // spool, which reports the failure.
+        drop(direct);
         drop(chunks_tx);
         match writer.await {
             Ok(Ok(())) => {}
@@ -265,6 +327,8 @@ impl Coalescer {
 /// One waiter of a flight.
 pub struct Subscription {
     rx: watch::Receiver<Progress>,
+    /// The flight's frames as they come, for a waiter that joined before the first byte.
+    direct: Option<mpsc::Receiver<Direct>>,
 }
 
 impl Subscription {
@@ -280,9 +344,23 @@ impl Subscription {
         }
     }
 
-    /// The response body, read from the spool from byte 0 as it is written.
+    /// The response body: the flight's frames as they come while this waiter has a direct
+    /// channel, then (or from the start, for a late joiner) read from the spool as it is
+    /// written, from where the waiter got to.
     pub fn into_body(self) -> Body {
-        let stream = futures::stream::try_unfold((self.rx, 0u64), |(mut rx, pos)| async move {
+        let state = (self.rx, self.direct, 0u64);
+        let stream = futures::stream::try_unfold(state, |(mut rx, direct, pos)| async move {
+            if let Some(mut d) = direct {
+                match d.recv().await {
+                    Some(Direct::Data(data)) => {
+                        let next = pos + data.len() as u64;
+                        return Ok(Some((Frame::data(data), (rx, Some(d), next))));
+                    }
+                    Some(Direct::End) => return Ok(None),
+                    // Left behind, or the upstream body failed: the spool knows which.
+                    None => {}
+                }
+            }
             loop {
                 let (phase, written, file) = {
                     let p = rx.borrow_and_update();
@@ -299,7 +377,7 @@ impl Subscription {
                     let len = (written - pos).min(READ_CHUNK as u64) as usize;
                     let chunk = read_at(file, pos, len).await?;
                     let next = pos + chunk.len() as u64;
-                    return Ok(Some((Frame::data(chunk), (rx, next))));
+                    return Ok(Some((Frame::data(chunk), (rx, None, next))));
                 }
                 if matches!(phase, Phase::Done) {
                     return Ok(None);
@@ -418,6 +496,70 @@ mod tests {
         })
         .await
         .unwrap();
+    }
+
+    #[tokio::test]
+    async fn waiters_from_before_the_first_byte_get_frames_before_they_are_spooled() {
+        use futures::SinkExt;
+        let c = Coalescer::new(std::env::temp_dir(), Metrics::new());
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (start, mut tx) = starter(&calls);
+        let (mut first, _) = c.join(key(), start);
+        let (unused, _) = starter(&calls);
+        let (mut second, shared) = c.join(key(), unused);
+        assert!(shared);
+        first.head().await.unwrap();
+        second.head().await.unwrap();
+        let mut bodies = [first.into_body(), second.into_body()];
+        // Far below WRITE_CHUNK: nothing reaches the spool before the body ends, so these
+        // bytes can only have come straight from the flight.
+        tx.send(Ok(Frame::data(Bytes::from_static(b"abc"))))
+            .await
+            .unwrap();
+        for body in &mut bodies {
+            let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
+                .await
+                .expect("a direct waiter gets the frame while upstream is still open")
+                .unwrap()
+                .unwrap();
+            assert_eq!(frame.into_data().unwrap(), "abc");
+        }
+        tx.send(Ok(Frame::data(Bytes::from_static(b"def"))))
+            .await
+            .unwrap();
+        drop(tx);
+        for body in bodies {
+            assert_eq!(collect(body).await.unwrap(), b"def");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_falls_behind_continues_from_the_spool() {
+        use futures::SinkExt;
+        let c = Coalescer::new(std::env::temp_dir(), Metrics::new());
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (start, mut tx) = starter(&calls);
+        let (mut first, _) = c.join(key(), start);
+        first.head().await.unwrap();
+        let body = first.into_body();
+        // Nobody reads while four times the direct queue's worth of frames go by: the flight
+        // must not wait for this waiter.
+        let mut want = Vec::new();
+        let feed = async {
+            for i in 0..4 * DIRECT_FRAMES {
+                let frame = vec![i as u8; 1000 + i];
+                want.extend_from_slice(&frame);
+                tx.send(Ok(Frame::data(Bytes::from(frame)))).await.unwrap();
+            }
+            drop(tx);
+        };
+        tokio::time::timeout(Duration::from_secs(10), feed)
+            .await
+            .expect("the flight went on without the waiter");
+        let got = tokio::time::timeout(Duration::from_secs(10), collect(body))
+            .await
+            .expect("the waiter caught up from the spool");
+        assert_eq!(got.unwrap(), want);
     }
 
     #[tokio::test]
