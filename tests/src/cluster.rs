@@ -74,6 +74,9 @@ pub struct ClusterOptions {
     pub agent_ready_timeout: Duration,
     /// The agents' upstream timeouts (their origin is the proxy).
     pub upstream_idle_timeout: Duration,
+    /// The origin's upload capacity in bytes per second, shared by every connection to it
+    /// (a [`ShapedRelay`] between the counting proxy and the registry); `None`: unshaped.
+    pub origin_rate: Option<u64>,
 }
 
 impl ClusterOptions {
@@ -89,6 +92,7 @@ impl ClusterOptions {
             zone: "dc1/row1".into(),
             agent_ready_timeout: Duration::from_secs(60),
             upstream_idle_timeout: Duration::from_secs(10),
+            origin_rate: None,
         }
     }
 
@@ -200,6 +204,103 @@ impl Drop for UdpRelay {
     }
 }
 
+/// A TCP relay in front of one address whose downstream direction (target to clients) is
+/// limited to `rate` bytes per second in all, shared first come, first served by every
+/// connection: an origin with that much upload capacity. Upstream (requests) is not shaped.
+pub struct ShapedRelay {
+    addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for ShapedRelay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShapedRelay")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+/// The time at which the shared link is next free; each chunk books its transmission time.
+struct Link {
+    rate: f64,
+    next: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Link {
+    /// Books `n` bytes on the link; returns when they may go.
+    fn book(&self, n: usize) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        let mut next = self
+            .next
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // An idle link does not bank more than a few milliseconds of credit.
+        let start = (*next).max(now - Duration::from_millis(5));
+        *next = start + Duration::from_secs_f64(n as f64 / self.rate);
+        start
+    }
+}
+
+impl ShapedRelay {
+    pub async fn start(target: SocketAddr, rate: u64) -> Result<ShapedRelay> {
+        ensure!(rate > 0, "a shaped relay needs a positive rate");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let link = Arc::new(Link {
+            rate: rate as f64,
+            next: std::sync::Mutex::new(tokio::time::Instant::now()),
+        });
+        let task = tokio::spawn(async move {
+            let mut conns = Vec::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let link = link.clone();
+                conns.retain(|c: &AbortOnDrop| !c.0.is_finished());
+                conns.push(AbortOnDrop(tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = async {
+                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                        let _ = tokio::io::AsyncWriteExt::shutdown(&mut sw).await;
+                    };
+                    let down = async {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match sr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            tokio::time::sleep_until(link.book(n)).await;
+                            if cw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = cw.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                })));
+            }
+        });
+        Ok(ShapedRelay { addr, task })
+    }
+
+    /// Where clients connect.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for ShapedRelay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 struct AbortOnDrop(JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -303,6 +404,7 @@ impl std::ops::Sub for OriginServed {
 pub struct TestCluster {
     opts: ClusterOptions,
     registry: Registry,
+    _shaper: Option<ShapedRelay>,
     origin: Proxy,
     shared: TempDir,
     coords: Vec<Coord>,
@@ -331,7 +433,14 @@ impl TestCluster {
             "one to eight coordinators"
         );
         let registry = Registry::start().await?;
-        let origin = Proxy::start(&registry.url()).await?;
+        let shaper = match opts.origin_rate {
+            Some(rate) => Some(ShapedRelay::start(registry.addr(), rate).await?),
+            None => None,
+        };
+        let origin = match &shaper {
+            Some(s) => Proxy::start(&format!("http://{}", s.addr())).await?,
+            None => Proxy::start(&registry.url()).await?,
+        };
         let shared = tempfile::Builder::new()
             .prefix("shoal-cluster-")
             .tempdir()?;
@@ -371,6 +480,7 @@ impl TestCluster {
         let mut cluster = TestCluster {
             opts,
             registry,
+            _shaper: shaper,
             origin,
             shared,
             coords,
