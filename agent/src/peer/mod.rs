@@ -37,7 +37,9 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
-use shoal_proto::msg::{Announce, MAX_ANNOUNCE_DIGESTS, MAX_ANNOUNCE_PARTIALS, NodeId, Partial};
+use shoal_proto::msg::{
+    AgentMsg, Announce, MAX_ANNOUNCE_DIGESTS, MAX_ANNOUNCE_PARTIALS, NodeId, Partial,
+};
 use shoal_proto::swarm::UploadSlots;
 use shoal_proto::{Digest, RepoName};
 use tokio_util::sync::CancellationToken;
@@ -233,6 +235,21 @@ impl Peer {
         inner
             .control
             .set_inventory(Arc::new(move || inventory(&weak)));
+        // Evicted blobs leave the tracker at once rather than when their announcement expires,
+        // so nobody is sent here for them meanwhile.
+        let weak = Arc::downgrade(&inner);
+        inner.store.set_evict_listener(Arc::new(move |digests| {
+            if let Some(inner) = weak.upgrade() {
+                for d in digests {
+                    inner.control.send(
+                        d,
+                        AgentMsg::Withdraw {
+                            digests: vec![d.clone()],
+                        },
+                    );
+                }
+            }
+        }));
         tokio::spawn(net::accept_loop(inner.clone()));
         let peer = Peer { inner };
         info!(node = %peer.inner.node, listen = %peer.local_addr(), "peer endpoint listening");

@@ -490,8 +490,22 @@ impl TestNode {
         origin: &str,
         config: PeerConfig,
     ) -> TestNode {
+        TestNode::start_capped(tracker, ca, name, ip, origin, config, None).await
+    }
+
+    /// [`TestNode::start`] with a store capped at `max_bytes`.
+    pub(crate) async fn start_capped(
+        tracker: &Arc<TestTracker>,
+        ca: &Arc<TestCa>,
+        name: &str,
+        ip: u8,
+        origin: &str,
+        config: PeerConfig,
+        max_bytes: Option<u64>,
+    ) -> TestNode {
         let dir = tempfile::tempdir().unwrap();
-        let store_cfg = StoreConfig::new(dir.path().join("store"));
+        let mut store_cfg = StoreConfig::new(dir.path().join("store"));
+        store_cfg.max_bytes = max_bytes;
         let store = tokio::task::spawn_blocking(move || Store::open(store_cfg))
             .await
             .unwrap()

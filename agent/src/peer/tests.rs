@@ -254,6 +254,64 @@ async fn a_peer_fetches_a_seeded_blob_over_quic() {
 }
 
 #[tokio::test]
+async fn an_evicted_blob_is_withdrawn_from_the_tracker() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let blob_len = 4 * PL;
+    // Room for one of the two blobs.
+    let cap = Some((blob_len + blob_len / 2) as u64);
+    let a = TestNode::start_capped(
+        &tracker,
+        &ca,
+        "node-a",
+        1,
+        &origin.url(),
+        PeerConfig::default(),
+        cap,
+    )
+    .await;
+    let b = TestNode::start(
+        &tracker,
+        &ca,
+        "node-b",
+        2,
+        &origin.url(),
+        PeerConfig::default(),
+    )
+    .await;
+    let first = a.seed(&random_blob(blob_len, 11)).await;
+    let holders = |r: &shoal_proto::msg::LocateReply| {
+        r.peers.iter().map(|p| p.node.clone()).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        holders(&b.control_locate(&first).await),
+        vec![a.node().clone()]
+    );
+
+    let second = a.seed(&random_blob(blob_len, 12)).await;
+    let store = a.store.clone();
+    tokio::task::spawn_blocking(move || store.evict_if_needed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!a.store.contains(&first), "the older blob was evicted");
+    assert!(a.store.contains(&second));
+    let withdrawn = tracker.sent(
+        |m| matches!(m, AgentMsg::Withdraw { digests } if digests == std::slice::from_ref(&first)),
+    );
+    assert_eq!(withdrawn.len(), 1, "one Withdraw for the evicted blob");
+    assert_eq!(&withdrawn[0].0, a.node());
+    assert!(
+        holders(&b.control_locate(&first).await).is_empty(),
+        "the tracker no longer sends peers to A for it"
+    );
+    assert_eq!(
+        holders(&b.control_locate(&second).await),
+        vec![a.node().clone()]
+    );
+}
+
+#[tokio::test]
 async fn a_cold_pull_by_three_agents_reads_the_origin_about_once() {
     let (tracker, ca) = cluster();
     let origin = Origin::start().await;

@@ -175,7 +175,12 @@ struct Inner {
     state: Mutex<State>,
     /// Sequence for `put` temp file names.
     tmp_seq: AtomicU64,
+    /// Told the digests of every eviction pass that removed something.
+    on_evict: std::sync::RwLock<Option<EvictListener>>,
 }
+
+/// What [`Store::set_evict_listener`] installs.
+pub type EvictListener = Arc<dyn Fn(&[Digest]) + Send + Sync>;
 
 /// In-memory bookkeeping, the authority while the process runs.
 #[derive(Default)]
@@ -248,6 +253,7 @@ impl Store {
             index,
             state: Mutex::new(State::default()),
             tmp_seq: AtomicU64::new(0),
+            on_evict: std::sync::RwLock::new(None),
         };
         inner.reconcile(loaded.blobs, &opened)?;
         let store = Store {
@@ -425,6 +431,17 @@ impl Store {
     /// at or below the low watermark. Pinned blobs and digests being ingested are skipped.
     pub fn evict_if_needed(&self) -> Result<EvictReport, StoreError> {
         self.inner.evict_if_needed()
+    }
+
+    /// Calls `f` with the digests each eviction pass removed, after they are gone (the peer
+    /// data plane withdraws them from the tracker). Replaces any earlier listener. `f` runs on
+    /// the evicting thread, outside the store's locks, and must be quick.
+    pub fn set_evict_listener(&self, f: EvictListener) {
+        *self
+            .inner
+            .on_evict
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(f);
     }
 
     /// Removes ingest files that no live writer holds and that are either older than
@@ -924,6 +941,16 @@ impl Inner {
         if let Err(error) = self.index.remove_blobs(&evicted) {
             // Files are gone; the next open drops the stale records.
             warn!(%error, "evicted blobs but could not update the index");
+        }
+        if !evicted.is_empty() {
+            let listener = self
+                .on_evict
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            if let Some(f) = listener {
+                f(&evicted);
+            }
         }
         if report.evicted > 0 {
             info!(
