@@ -42,7 +42,7 @@ use super::session::{Hub, open_session};
 use super::{PeerInner, lock};
 use crate::fetch::{FetchError, FlightTx};
 use crate::store::{PieceIngest, StoreError};
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, UpstreamError};
 
 /// How often the tracker hears of progress.
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
@@ -155,6 +155,26 @@ pub(crate) async fn run(
             "the last swarm download of this blob failed verification".into(),
         );
     }
+    // Peers serve any blob to any cluster member, so the upstream's word on whether this node
+    // may read the blob from this repository is asked first (a HEAD, no body). A definite no
+    // ends the pull as it would without peers; an upstream that cannot answer does not stop
+    // the swarm (enrolled nodes are trusted with cluster content, and the swarm is what keeps
+    // pulls going while the origin is down). The size it tells saves the slot holder a HEAD.
+    let size = match upstream.blob_size(name, digest).await {
+        Ok(size) => size,
+        Err(
+            e @ (UpstreamError::NotFound { .. }
+            | UpstreamError::Unauthorized { .. }
+            | UpstreamError::Denied { .. }),
+        ) => {
+            info!(error = %e, "the upstream refuses this blob here; not asking peers");
+            return SwarmOutcome::Failed(FetchError::Upstream(e));
+        }
+        Err(error) => {
+            warn!(%error, "cannot confirm access to the blob upstream; sharing with peers anyway");
+            None
+        }
+    };
     // Subscribed before the locate, so no slot or hash sent in between is missed.
     let coord = control.subscribe(digest);
     let reply = match control.locate(digest, true).await {
@@ -211,6 +231,10 @@ pub(crate) async fn run(
         last_have: 0,
         stuck_since: t0,
     };
+    if let Some(size) = size {
+        dl.size_asked = true;
+        let _ = dl.tx.send(Input::Size(Ok(Some(size))));
+    }
     dl.apply_reply(reply);
     let result = dl.run().await;
     let outcome = match result {

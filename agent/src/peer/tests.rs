@@ -312,6 +312,42 @@ async fn an_evicted_blob_is_withdrawn_from_the_tracker() {
 }
 
 #[tokio::test]
+async fn a_blob_the_upstream_refuses_is_not_taken_from_peers() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let a = TestNode::start(
+        &tracker,
+        &ca,
+        "node-a",
+        3,
+        &origin.url(),
+        PeerConfig::default(),
+    )
+    .await;
+    let b = TestNode::start(
+        &tracker,
+        &ca,
+        "node-b",
+        4,
+        &origin.url(),
+        PeerConfig::default(),
+    )
+    .await;
+    // A holds it; the origin does not have it in this repository (as a registry answers for
+    // a blob not linked there, or for a repository this node may not read).
+    let d = a.seed(&random_blob(3 * PL, 13)).await;
+    let err = within("pull", b.pull(&d)).await.unwrap_err();
+    assert!(err.contains("not found upstream"), "{err}");
+    assert!(!b.store.contains(&d));
+    let text = b.metrics.encode();
+    assert!(
+        text.contains("shoal_agent_peer_received_bytes_total 0"),
+        "{text}"
+    );
+    assert!(b.peer.connected_peers().is_empty(), "B asked A for it");
+}
+
+#[tokio::test]
 async fn a_cold_pull_by_three_agents_reads_the_origin_about_once() {
     let (tracker, ca) = cluster();
     let origin = Origin::start().await;
@@ -447,6 +483,7 @@ async fn a_stalled_peer_is_abandoned_within_seconds() {
     let c = TestNode::start(&tracker, &ca, "node-c", 32, &origin.url(), quick).await;
     let blob = random_blob(8 * PL, 5);
     let d = staller.seed(&blob).await;
+    origin.add(&blob);
     staller.peer.set_fault(Fault::Stall);
     let started = tokio::time::Instant::now();
     let pull = tokio::spawn({
@@ -507,6 +544,7 @@ async fn a_corrupt_peer_is_reported_and_nothing_bad_is_committed() {
     let blob = random_blob(12 * PL, 6);
     let d = liar.seed(&blob).await;
     honest.seed(&blob).await;
+    origin.add(&blob);
     liar.peer.set_fault(Fault::Corrupt);
     let got = within("pull", c.pull(&d)).await.unwrap();
     assert!(got == blob, "content differs");
@@ -602,6 +640,7 @@ async fn an_interrupted_download_resumes_with_its_re_verified_pieces() {
     .await;
     let blob = random_blob(10 * PL, 11);
     let d = a.seed(&blob).await;
+    origin.add(&blob);
     let g = Geometry::for_size(blob.len() as u64);
     let piece = |i: u32| {
         let r = g.range(i).unwrap();
@@ -706,6 +745,7 @@ async fn throughput() {
         .await;
         let b = TestNode::start(&tracker, &ca, "node-b", 91, &origin.url(), config).await;
         let d = a.seed(&blob).await;
+        origin.add(&blob);
         let t = tokio::time::Instant::now();
         let got = within("pull", b.pull(&d)).await.unwrap();
         let secs = t.elapsed().as_secs_f64();
