@@ -321,8 +321,25 @@ impl Garage {
                 Err(_) => tokio::time::sleep(POLL_INTERVAL * 4).await,
             }
         };
-        self.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node_id])
-            .await?;
+        // `node id` reads the key from disk; the RPC port may not listen yet, so the first
+        // command that needs it is retried until the deadline.
+        loop {
+            match self
+                .cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node_id])
+                .await
+            {
+                Ok(_) => break,
+                Err(err) if Instant::now() >= deadline => {
+                    return Err(
+                        err.context(format!("garage RPC not ready after {READY_TIMEOUT:?}"))
+                    );
+                }
+                Err(err) if format!("{err:#}").contains("Connection refused") => {
+                    tokio::time::sleep(POLL_INTERVAL * 4).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
         self.cli(&["layout", "apply", "--version", "1"]).await?;
         // The S3 endpoint answers once the layout is in force; any HTTP answer will do.
         crate::net::wait_until(READY_TIMEOUT, "garage's S3 API answers", || async {
