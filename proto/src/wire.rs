@@ -297,8 +297,11 @@ pub fn decode_one<M: Message>(bytes: &[u8]) -> Result<M, WireError> {
 }
 
 /// The properties the fuzz target (`proto/fuzz`) checks on arbitrary bytes, for each channel's
-/// message type: decoding never panics, never buffers more than the largest bound, gives the
-/// same result whatever the chunking, and every decoded value re-encodes and decodes to itself.
+/// message type: decoding never panics; after every call the decoder holds at most one
+/// partial frame, of a kind its channel accepts and within that kind's bound, with no more
+/// memory reserved than the frame's announced length or twice the bytes that arrived;
+/// `Ok(None)` means the input was used up; the messages, the error and the bytes left buffered
+/// are the same whatever the chunking; and every decoded value re-encodes and decodes to itself.
 /// Panics when a property fails.
 #[doc(hidden)]
 pub fn check_decoder_invariants(data: &[u8]) {
@@ -319,39 +322,97 @@ fn check_one<M: Message + PartialEq + std::fmt::Debug>(data: &[u8]) {
     }
 }
 
-fn decode_all<M: Message>(data: &[u8], step: usize) -> (Vec<M>, Option<WireError>) {
+/// What decoding a whole input gave: the messages, the error that ended it if any, and the
+/// bytes of an incomplete frame still buffered at the end.
+type Outcome<M> = (Vec<M>, Option<WireError>, usize);
+
+fn decode_all<M: Message>(data: &[u8], step: usize) -> Outcome<M> {
     let mut dec = Decoder::<M>::new();
     let mut out = Vec::new();
     for chunk in data.chunks(step) {
         let mut chunk = chunk;
         loop {
-            match dec.decode(&mut chunk) {
+            let r = dec.decode(&mut chunk);
+            check_held(&dec);
+            match r {
                 Ok(Some(m)) => out.push(m),
-                Ok(None) => break,
-                Err(e) => return (out, Some(e)),
+                Ok(None) => {
+                    assert!(chunk.is_empty(), "Ok(None) with {} bytes left", chunk.len());
+                    break;
+                }
+                Err(e) => return (out, Some(e), dec.buffered()),
             }
-            assert!(dec.buffered() <= MAX_PIECE_PAYLOAD as usize);
         }
     }
-    (out, None)
+    let held = dec.buffered();
+    (out, None, held)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// What a decoder may hold between calls: part of a header, or part of one accepted frame's
+/// payload within its kind's bound, with memory reserved only for bytes that arrived.
+fn check_held<M: Message>(dec: &Decoder<M>) {
+    match &dec.state {
+        State::Failed => {}
+        State::Header { have, .. } => assert!(*have < HEADER_LEN, "a whole header left unread"),
+        State::Payload { kind, len, buf } => {
+            assert!(
+                M::accepts(*kind),
+                "holds a {kind:?} payload on the wrong channel"
+            );
+            assert!(
+                *len <= kind.max_payload() as usize,
+                "holds a {kind:?} payload of {len} bytes, over its bound"
+            );
+            assert!(buf.len() < *len, "a complete payload left undecoded");
+            assert!(
+                buf.capacity() <= *len && buf.capacity() <= 2 * buf.len(),
+                "preallocated {} bytes for {} received of {len} announced",
+                buf.capacity(),
+                buf.len()
+            );
+        }
+    }
+}
+
+/// One value of every message variant, shared by the unit tests and the fuzz corpus seeds
+/// (`proto/fuzz/examples/seeds.rs`), so the fuzzer starts from frames that decode.
+#[doc(hidden)]
+pub mod samples {
     use crate::digest::Digest;
+    use crate::manifest::PieceManifest;
     use crate::msg::{
-        AgentMsg, Announce, CoordMsg, Hello, LocateReply, NodeId, Partial, PeerInfo, PeerMsg,
-        PieceData, PieceHashes, RejectReason, Zone,
+        AgentMsg, Announce, CertDer, CoordMsg, CsrDer, Hello, LocateReply, NodeId, Partial,
+        PeerInfo, PeerMsg, PieceData, PieceHashes, RejectReason, Zone,
     };
     use crate::piece::{Bitmap, MIN_PIECE_LEN};
-    use crate::rng::Rng;
+
+    // The `unwrap`s below are on constant, valid names, addresses and sizes.
 
     fn d(s: &[u8]) -> Digest {
         Digest::sha256_of(s)
     }
 
-    fn agent_samples() -> Vec<AgentMsg> {
+    fn hashes() -> PieceHashes {
+        PieceHashes {
+            digest: d(b"c"),
+            size: 3 * MIN_PIECE_LEN,
+            piece_len: MIN_PIECE_LEN,
+            entries: vec![(0, [1; 32]), (1, [2; 32])],
+        }
+    }
+
+    fn manifest() -> PieceManifest {
+        PieceManifest::new(
+            d(b"c"),
+            3 * MIN_PIECE_LEN - 7,
+            MIN_PIECE_LEN,
+            vec![[1; 32], [2; 32], [3; 32]],
+        )
+        .unwrap()
+    }
+
+    /// Every `AgentMsg` variant.
+    pub fn agent() -> Vec<AgentMsg> {
         let mut bm = Bitmap::new(300);
         bm.set(0);
         bm.set(299);
@@ -382,12 +443,8 @@ mod tests {
                 digest: d(b"c"),
                 want_origin: true,
             },
-            AgentMsg::PublishHashes(PieceHashes {
-                digest: d(b"c"),
-                size: 3 * MIN_PIECE_LEN,
-                piece_len: MIN_PIECE_LEN,
-                entries: vec![(0, [1; 32]), (1, [2; 32])],
-            }),
+            AgentMsg::PublishHashes(hashes()),
+            AgentMsg::PublishManifest(manifest()),
             AgentMsg::ReleaseOrigin { digest: d(b"c") },
             AgentMsg::ReportBadPeer {
                 peer: NodeId::new("evil").unwrap(),
@@ -396,12 +453,69 @@ mod tests {
             },
             AgentMsg::Bye,
             AgentMsg::Renew {
-                csr: crate::msg::CsrDer::new(vec![0x30, 0x82, 1, 2]).unwrap(),
+                csr: CsrDer::new(vec![0x30, 0x82, 1, 2]).unwrap(),
             },
         ]
     }
 
-    fn peer_samples() -> Vec<PeerMsg> {
+    /// Every `CoordMsg` variant (`LocateReply` three times: peers only, with the anchored
+    /// manifest, with provisional hashes).
+    pub fn coord() -> Vec<CoordMsg> {
+        let reply = LocateReply {
+            req: 9,
+            digest: d(b"c"),
+            manifest: None,
+            hashes: None,
+            peers: vec![PeerInfo {
+                node: NodeId::new("b").unwrap(),
+                addr: "10.0.0.2:4433".parse().unwrap(),
+                zone: Zone::default(),
+                load: 1,
+            }],
+            origin: true,
+        };
+        vec![
+            CoordMsg::Welcome {
+                version: crate::msg::PROTOCOL_VERSION,
+                heartbeat_ms: 5000,
+                announce_ms: 60_000,
+            },
+            CoordMsg::LocateReply(reply.clone()),
+            CoordMsg::LocateReply(LocateReply {
+                manifest: Some(manifest()),
+                origin: false,
+                ..reply.clone()
+            }),
+            CoordMsg::LocateReply(LocateReply {
+                hashes: Some(hashes()),
+                peers: vec![],
+                ..reply
+            }),
+            CoordMsg::OriginSlot {
+                digest: d(b"c"),
+                granted: true,
+                lease_ms: 30_000,
+            },
+            CoordMsg::Hashes(hashes()),
+            CoordMsg::Refused {
+                reason: "unsupported version".into(),
+            },
+            CoordMsg::Bye,
+            CoordMsg::Renewed {
+                leaf: CertDer::new(vec![1; 600]).unwrap(),
+                ca: CertDer::new(vec![2; 500]).unwrap(),
+            },
+            CoordMsg::RenewRefused {
+                reason: "node revoked".into(),
+            },
+            CoordMsg::RefusedNodes {
+                nodes: vec![NodeId::new("x").unwrap(), NodeId::new("y").unwrap()],
+            },
+        ]
+    }
+
+    /// Every `PeerMsg` variant.
+    pub fn peer() -> Vec<PeerMsg> {
         vec![
             PeerMsg::Have {
                 digest: d(b"x"),
@@ -430,6 +544,46 @@ mod tests {
                 piece: 3,
             },
         ]
+    }
+
+    /// Each sample as one encoded frame, named `<channel>-<index>-<variant>`.
+    pub fn frames() -> Vec<(String, Vec<u8>)> {
+        fn named<M: crate::msg::Message + std::fmt::Debug>(
+            channel: &str,
+            msgs: Vec<M>,
+        ) -> Vec<(String, Vec<u8>)> {
+            msgs.iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let debug = format!("{m:?}");
+                    let variant = debug
+                        .split(|c: char| !c.is_ascii_alphanumeric())
+                        .next()
+                        .unwrap_or_default()
+                        .to_ascii_lowercase();
+                    // Samples are valid by construction.
+                    let frame = super::encode(m).expect("sample encodes");
+                    (format!("{channel}-{i:02}-{variant}"), frame)
+                })
+                .collect()
+        }
+        let mut out = named("agent", agent());
+        out.extend(named("coord", coord()));
+        out.extend(named("peer", peer()));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::samples::{agent as agent_samples, coord as coord_samples, peer as peer_samples};
+    use super::*;
+    use crate::digest::Digest;
+    use crate::msg::{AgentMsg, CoordMsg, PeerMsg, PieceData};
+    use crate::rng::Rng;
+
+    fn d(s: &[u8]) -> Digest {
+        Digest::sha256_of(s)
     }
 
     #[test]
@@ -463,37 +617,32 @@ mod tests {
         for m in peer_samples() {
             assert_eq!(decode_one::<PeerMsg>(&encode(&m).unwrap()).unwrap(), m);
         }
-        let reply = CoordMsg::LocateReply(LocateReply {
-            req: 9,
-            digest: d(b"c"),
-            manifest: None,
-            hashes: None,
-            peers: vec![PeerInfo {
-                node: NodeId::new("b").unwrap(),
-                addr: "10.0.0.2:4433".parse().unwrap(),
-                zone: Zone::default(),
-                load: 1,
-            }],
-            origin: true,
-        });
-        assert_eq!(
-            decode_one::<CoordMsg>(&encode(&reply).unwrap()).unwrap(),
-            reply
-        );
-        for m in [
-            CoordMsg::Renewed {
-                leaf: crate::msg::CertDer::new(vec![1; 600]).unwrap(),
-                ca: crate::msg::CertDer::new(vec![2; 500]).unwrap(),
-            },
-            CoordMsg::RenewRefused {
-                reason: "node revoked".into(),
-            },
-            CoordMsg::RefusedNodes {
-                nodes: vec![NodeId::new("x").unwrap(), NodeId::new("y").unwrap()],
-            },
-        ] {
+        for m in coord_samples() {
             assert_eq!(decode_one::<CoordMsg>(&encode(&m).unwrap()).unwrap(), m);
         }
+    }
+
+    /// The seeds cover every variant of every channel: the variant index is the payload's
+    /// first byte, and the counts are the enums' variant counts.
+    #[test]
+    fn samples_cover_every_variant() {
+        let frames = samples::frames();
+        for (kinds, variants) in [
+            (&[Kind::AgentToCoordinator][..], 12),
+            (&[Kind::CoordinatorToAgent][..], 9),
+            (&[Kind::Peer, Kind::PieceData][..], 6),
+        ] {
+            let seen: std::collections::BTreeSet<u8> = frames
+                .iter()
+                .filter(|(_, f)| kinds.iter().any(|&k| f[1] == k as u8))
+                .map(|(_, f)| f[HEADER_LEN])
+                .collect();
+            assert_eq!(seen, (0..variants).collect(), "{kinds:?}");
+        }
+        let names: std::collections::BTreeSet<&str> =
+            frames.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names.len(), frames.len());
+        assert!(names.contains("agent-07-publishmanifest"), "{names:?}");
     }
 
     #[test]
@@ -569,6 +718,23 @@ mod tests {
             State::Payload { buf, .. } => assert!(buf.capacity() < 1024),
             _ => panic!("expected payload state"),
         }
+    }
+
+    /// The fuzz target's check of what a decoder holds is not vacuous: it sees a buffer
+    /// reserved for the announced length rather than for the bytes that arrived. (It used to
+    /// run only after a completed frame, when the buffer is always empty.)
+    #[test]
+    #[should_panic(expected = "preallocated")]
+    fn held_bytes_check_catches_preallocation() {
+        let mut buf = Vec::with_capacity(1 << 20);
+        buf.push(0);
+        let mut dec = Decoder::<PeerMsg>::new();
+        dec.state = State::Payload {
+            kind: Kind::PieceData,
+            len: 1 << 20,
+            buf,
+        };
+        check_held(&dec);
     }
 
     #[test]
@@ -650,13 +816,11 @@ mod tests {
     #[test]
     fn random_inputs_never_panic() {
         let mut rng = Rng::new(0x0051_40a1);
-        let valid: Vec<Vec<u8>> = agent_samples().iter().map(|m| encode(m).unwrap()).collect();
-        let peer_valid: Vec<Vec<u8>> = peer_samples().iter().map(|m| encode(m).unwrap()).collect();
+        let valid: Vec<Vec<u8>> = samples::frames().into_iter().map(|(_, f)| f).collect();
         for round in 0..3000 {
-            let mut bytes = match round % 3 {
+            let mut bytes = match round % 2 {
                 0 => (0..rng.below(64)).map(|_| rng.next_u64() as u8).collect(),
-                1 => valid[rng.below(valid.len() as u64) as usize].clone(),
-                _ => peer_valid[rng.below(peer_valid.len() as u64) as usize].clone(),
+                _ => valid[rng.below(valid.len() as u64) as usize].clone(),
             };
             // Flip, insert or drop a few bytes, keeping the version byte most of the time.
             for _ in 0..rng.below(4) {
