@@ -28,8 +28,10 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const MAX_PEERS: usize = 64;
 /// Most complete digests in one [`Announce`] or `Withdraw`; an agent with more sends several.
 pub const MAX_ANNOUNCE_DIGESTS: usize = 4096;
-/// Most partially downloaded blobs in one [`Announce`].
-pub const MAX_ANNOUNCE_PARTIALS: usize = 256;
+/// Most partially downloaded blobs in one [`Announce`]. With [`MAX_ANNOUNCE_DIGESTS`] sha512
+/// digests and every bitmap at [`MAX_PIECES`], an `Announce` still fits one control frame
+/// (tested): an agent splitting by count never builds one it cannot send.
+pub const MAX_ANNOUNCE_PARTIALS: usize = 128;
 /// Longest node name (a DNS name's limit).
 pub const MAX_NODE_ID: usize = 253;
 /// Longest zone label.
@@ -607,6 +609,28 @@ impl Message for PeerMsg {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_largest_valid_announce_fits_one_control_frame() {
+        let digest =
+            |i: usize| Digest::parse(&format!("sha512:{i:0128x}")).expect("a valid sha512 digest");
+        let mut full = Bitmap::new(MAX_PIECES);
+        for p in 0..MAX_PIECES {
+            full.set(p);
+        }
+        let announce = Announce {
+            complete: (0..MAX_ANNOUNCE_DIGESTS).map(digest).collect(),
+            partial: (0..MAX_ANNOUNCE_PARTIALS)
+                .map(|i| Partial {
+                    digest: digest(MAX_ANNOUNCE_DIGESTS + i),
+                    have: full.clone(),
+                })
+                .collect(),
+        };
+        let frame = crate::wire::encode(&AgentMsg::Announce(announce))
+            .expect("the largest valid Announce encodes within the control bound");
+        assert!(frame.len() <= crate::wire::MAX_CONTROL_PAYLOAD as usize + 16);
+    }
 
     fn digest() -> Digest {
         Digest::sha256_of(b"blob")
