@@ -165,6 +165,8 @@ struct FileStore {
 struct FileUpstream {
     host: String,
     url: String,
+    #[serde(default)]
+    fallback_urls: Vec<String>,
     username: Option<String>,
     password: Option<String>,
     password_file: Option<PathBuf>,
@@ -231,8 +233,10 @@ pub struct Overrides {
     #[arg(long, value_name = "SIZE")]
     pub max_size: Option<ByteSize>,
     /// An upstream registry as HOST=URL, e.g. docker.io=https://registry-1.docker.io.
-    /// Repeatable; adds to (or replaces, by HOST) the file's [[upstream]] entries.
-    #[arg(long = "upstream", value_name = "HOST=URL")]
+    /// Further URLs after commas are fallbacks, tried in order when the one in use is
+    /// unreachable (HOST=URL,URL2,...). Repeatable; adds to (or replaces, by HOST) the
+    /// file's [[upstream]] entries.
+    #[arg(long = "upstream", value_name = "HOST=URL[,URL...]")]
     pub upstreams: Vec<String>,
     /// Allow plain-HTTP URLs for upstreams given with --upstream.
     #[arg(long)]
@@ -402,9 +406,12 @@ fn build(file: FileConfig, ov: &Overrides, base: Option<&Path>) -> Result<Config
         let (host, url) = spec
             .split_once('=')
             .ok_or_else(|| invalid(format!("--upstream {spec:?}: expected HOST=URL")))?;
+        // HOST=URL[,FALLBACK_URL...]
+        let mut urls = url.split(',').map(str::to_owned);
         let u = FileUpstream {
             host: host.to_owned(),
-            url: url.to_owned(),
+            url: urls.next().unwrap_or_default(),
+            fallback_urls: urls.collect(),
             username: None,
             password: None,
             password_file: None,
@@ -672,21 +679,21 @@ fn build_store(
 
 fn build_upstream(u: FileUpstream, base: Option<&Path>) -> Result<UpstreamConfig, String> {
     let host = RegistryHost::parse(&u.host).map_err(|e| format!("host {:?}: {e}", u.host))?;
-    let scheme = u
-        .url
-        .split_once("://")
-        .map(|(s, _)| s.to_ascii_lowercase())
-        .ok_or_else(|| format!("url {:?} must start with https:// (or http://)", u.url))?;
-    match scheme.as_str() {
-        "https" => {}
-        "http" if u.insecure_http => {}
-        "http" => {
-            return Err(format!(
-                "url {:?} is plain HTTP; set insecure_http = true (or --insecure-http-upstream) to allow it",
-                u.url
-            ));
+    for url in std::iter::once(&u.url).chain(&u.fallback_urls) {
+        let scheme = url
+            .split_once("://")
+            .map(|(s, _)| s.to_ascii_lowercase())
+            .ok_or_else(|| format!("url {url:?} must start with https:// (or http://)"))?;
+        match scheme.as_str() {
+            "https" => {}
+            "http" if u.insecure_http => {}
+            "http" => {
+                return Err(format!(
+                    "url {url:?} is plain HTTP; set insecure_http = true (or --insecure-http-upstream) to allow it"
+                ));
+            }
+            other => return Err(format!("url scheme {other:?} is not supported")),
         }
-        other => return Err(format!("url scheme {other:?} is not supported")),
     }
     let password = match (u.password, u.password_file) {
         (Some(_), Some(_)) => return Err("set either password or password_file, not both".into()),
@@ -711,6 +718,11 @@ fn build_upstream(u: FileUpstream, base: Option<&Path>) -> Result<UpstreamConfig
     Ok(UpstreamConfig {
         host,
         url: u.url.trim_end_matches('/').to_owned(),
+        fallback_urls: u
+            .fallback_urls
+            .iter()
+            .map(|f| f.trim_end_matches('/').to_owned())
+            .collect(),
         username: u.username,
         password,
         ca_file,
@@ -831,12 +843,49 @@ mod tests {
     }
 
     #[test]
+    fn fallback_urls_from_the_file_and_the_flag_are_checked_like_the_url() {
+        let file = |fallbacks: &str| {
+            format!(
+                "[store]\nroot = \"/tmp/x\"\n[[upstream]]\nhost = \"r.test\"\nurl = \"https://a.test\"\nfallback_urls = {fallbacks}\n"
+            )
+        };
+        let c = Config::from_toml(
+            &file(r#"["https://b.test/", "https://c.test"]"#),
+            &Overrides::default(),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            c.upstreams[0].fallback_urls,
+            ["https://b.test", "https://c.test"]
+        );
+        let err = Config::from_toml(&file(r#"["http://b.test"]"#), &Overrides::default(), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("http://b.test") && err.contains("insecure_http"),
+            "{err}"
+        );
+
+        let ov = Overrides {
+            store_root: Some("/tmp/x".into()),
+            upstreams: vec!["r.test=https://a.test,https://b.test".into()],
+            ..Overrides::default()
+        };
+        let c = Config::from_toml("", &ov, None).unwrap();
+        assert_eq!(c.upstreams[0].url, "https://a.test");
+        assert_eq!(c.upstreams[0].fallback_urls, ["https://b.test"]);
+    }
+
+    #[test]
     fn the_deploy_example_parses() {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
         let c = Config::load(Some(&path), &Overrides::default()).unwrap();
         assert_eq!(c.upstreams.len(), 2);
         assert_eq!(c.mirror.default_upstream.as_str(), "docker.io");
         assert_eq!(c.store.max_bytes, Some(50 << 30));
+        assert_eq!(c.upstreams[1].url, "https://gw1.example.com");
+        assert_eq!(c.upstreams[1].fallback_urls, ["https://gw2.example.com"]);
         // The k8s DaemonSet embeds a config too.
         let k8s = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/k8s/shoal-agent-daemonset.yaml"),

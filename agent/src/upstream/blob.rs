@@ -226,7 +226,7 @@ impl Upstream {
     }
 
     /// `HEAD /v2/<name>/blobs/<digest>`: the blob's size, if the upstream says.
-    #[tracing::instrument(level = "debug", skip_all, fields(upstream = %self.inner.host, repo = %name, digest = %digest))]
+    #[tracing::instrument(level = "debug", skip_all, fields(upstream = %self.eps.host, repo = %name, digest = %digest))]
     pub async fn blob_size(
         &self,
         name: &RepoName,
@@ -236,16 +236,19 @@ impl Upstream {
             method: Method::HEAD,
             ..blob_request(name, digest, 0, None)
         };
-        let inner = &self.inner;
-        inner
-            .with_retries(|| async move {
-                let (resp, shown) = inner.send_once(req).await?;
-                if !resp.status().is_success() {
-                    return Err(status_error(&resp, &shown));
-                }
-                Ok(content_length(resp.headers()))
-            })
-            .await
+        self.failover(|inner| async move {
+            let inner = &inner;
+            inner
+                .with_retries(|| async move {
+                    let (resp, shown) = inner.send_once(req).await?;
+                    if !resp.status().is_success() {
+                        return Err(status_error(&resp, &shown));
+                    }
+                    Ok(content_length(resp.headers()))
+                })
+                .await
+        })
+        .await
     }
 
     async fn open(
@@ -257,17 +260,22 @@ impl Upstream {
     ) -> Result<BlobBody, UpstreamError> {
         let span = tracing::info_span!(
             "upstream_blob",
-            upstream = %self.inner.host,
+            upstream = %self.eps.host,
             repo = %name,
             digest = %digest,
         );
-        let inner = &self.inner;
-        let opened = inner
-            .with_retries(|| inner.open_blob(name, digest, start, end))
+        // The stream resumes on the URL that answered.
+        let (inner, opened) = self
+            .failover(|inner| async move {
+                let opened = inner
+                    .with_retries(|| inner.open_blob(name, digest, start, end))
+                    .await?;
+                Ok((inner, opened))
+            })
             .instrument(span.clone())
             .await?;
         let mut state = Resumable {
-            inner: Arc::clone(&self.inner),
+            inner,
             name: name.clone(),
             digest: digest.clone(),
             pos: start,

@@ -97,7 +97,7 @@ fn digest_with(like: &Digest, bytes: &[u8]) -> Digest {
 impl Upstream {
     /// `HEAD /v2/<name>/manifests/<ref>`. `accept` is the client's `Accept` values, passed
     /// through; empty sends every manifest media type Shoal knows.
-    #[tracing::instrument(level = "debug", skip_all, fields(upstream = %self.inner.host, repo = %name, reference = %r))]
+    #[tracing::instrument(level = "debug", skip_all, fields(upstream = %self.eps.host, repo = %name, reference = %r))]
     pub async fn head_manifest(
         &self,
         name: &RepoName,
@@ -105,38 +105,43 @@ impl Upstream {
         accept: &[String],
     ) -> Result<ManifestHead, UpstreamError> {
         let req = &manifest_request(Method::HEAD, name, r, accept);
-        let inner = &self.inner;
-        inner
-            .with_retries(|| async move {
-                let (resp, shown) = inner.send_once(req).await?;
-                if !resp.status().is_success() {
-                    return Err(status_error(&resp, &shown));
-                }
-                let h = resp.headers();
-                let digest = header_digest(h, &shown)?;
-                if let (Some(want), Some(got)) = (r.digest(), &digest)
-                    && want != got
-                {
-                    return Err(UpstreamError::BadResponse(format!(
-                        "{shown} answered for digest {got}"
-                    )));
-                }
-                let media_type = media_type(h).ok_or_else(|| {
-                    UpstreamError::BadResponse(format!("manifest HEAD {shown} has no Content-Type"))
-                })?;
-                Ok(ManifestHead {
-                    digest: digest.or_else(|| r.digest().cloned()),
-                    media_type,
-                    size: content_length(h),
+        self.failover(|inner| async move {
+            let inner = &inner;
+            inner
+                .with_retries(|| async move {
+                    let (resp, shown) = inner.send_once(req).await?;
+                    if !resp.status().is_success() {
+                        return Err(status_error(&resp, &shown));
+                    }
+                    let h = resp.headers();
+                    let digest = header_digest(h, &shown)?;
+                    if let (Some(want), Some(got)) = (r.digest(), &digest)
+                        && want != got
+                    {
+                        return Err(UpstreamError::BadResponse(format!(
+                            "{shown} answered for digest {got}"
+                        )));
+                    }
+                    let media_type = media_type(h).ok_or_else(|| {
+                        UpstreamError::BadResponse(format!(
+                            "manifest HEAD {shown} has no Content-Type"
+                        ))
+                    })?;
+                    Ok(ManifestHead {
+                        digest: digest.or_else(|| r.digest().cloned()),
+                        media_type,
+                        size: content_length(h),
+                    })
                 })
-            })
-            .await
+                .await
+        })
+        .await
     }
 
     /// `GET /v2/<name>/manifests/<ref>`, at most [`MAX_MANIFEST_SIZE`] bytes. The body must
     /// match the requested digest (by-digest requests) and the upstream's
     /// `Docker-Content-Digest` (when sent); anything else is an error, never a manifest.
-    #[tracing::instrument(level = "debug", skip_all, fields(upstream = %self.inner.host, repo = %name, reference = %r))]
+    #[tracing::instrument(level = "debug", skip_all, fields(upstream = %self.eps.host, repo = %name, reference = %r))]
     pub async fn get_manifest(
         &self,
         name: &RepoName,
@@ -144,7 +149,8 @@ impl Upstream {
         accept: &[String],
     ) -> Result<Manifest, UpstreamError> {
         let req = &manifest_request(Method::GET, name, r, accept);
-        let inner = &self.inner;
+        self.failover(|inner| async move {
+        let inner = &inner;
         inner
             .with_retries(|| async move {
                 let (resp, shown) = inner.send_once(req).await?;
@@ -189,6 +195,8 @@ impl Upstream {
                 })
             })
             .await
+        })
+        .await
     }
 }
 

@@ -46,6 +46,7 @@ mod tests;
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -81,6 +82,10 @@ pub struct UpstreamConfig {
     /// Base URL, e.g. `https://registry-1.docker.io` or `http://127.0.0.1:5000`. No query,
     /// fragment or credentials.
     pub url: String,
+    /// Further base URLs of the same registry (other coordinators' front doors, or the
+    /// registry itself), tried in order when the one in use is unreachable. Same
+    /// credentials, CA file and `insecure` flag; each URL keeps its own tokens.
+    pub fallback_urls: Vec<String>,
     pub username: Option<String>,
     pub password: Option<Secret>,
     /// PEM file of extra CA certificates to trust for this upstream.
@@ -102,6 +107,7 @@ impl UpstreamConfig {
         UpstreamConfig {
             host,
             url: url.into(),
+            fallback_urls: Vec::new(),
             username: None,
             password: None,
             ca_file: None,
@@ -116,11 +122,20 @@ impl UpstreamConfig {
 /// A client for one upstream registry. Cheap to clone; clones share connections and tokens.
 #[derive(Clone)]
 pub struct Upstream {
-    inner: Arc<Inner>,
+    eps: Arc<Endpoints>,
 }
 
-struct Inner {
+/// The registry's base URLs, in the configured order, and the one in use.
+struct Endpoints {
     host: RegistryHost,
+    list: Vec<Arc<Inner>>,
+    /// Index into `list` of the URL requests go to first. It moves on when that URL is
+    /// unreachable and stays where a request last succeeded.
+    active: AtomicUsize,
+}
+
+/// One base URL of the registry.
+struct Inner {
     /// Parsed base URL; its origin decides where credentials may go.
     base: Url,
     /// `base` as a string without trailing slash, for appending `/v2/...`.
@@ -137,9 +152,15 @@ struct Inner {
 
 impl fmt::Debug for Upstream {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let urls: Vec<&str> = self
+            .eps
+            .list
+            .iter()
+            .map(|i| i.base_prefix.as_str())
+            .collect();
         f.debug_struct("Upstream")
-            .field("host", &self.inner.host)
-            .field("url", &self.inner.base_prefix)
+            .field("host", &self.eps.host)
+            .field("urls", &urls)
             .finish_non_exhaustive()
     }
 }
@@ -152,9 +173,75 @@ impl Upstream {
     }
 
     fn with_backoff(cfg: UpstreamConfig, backoff: Backoff) -> Result<Upstream, UpstreamError> {
+        let mut list = Vec::with_capacity(1 + cfg.fallback_urls.len());
+        for url in std::iter::once(&cfg.url).chain(&cfg.fallback_urls) {
+            list.push(Arc::new(Inner::new(&cfg, url, backoff)?));
+        }
+        Ok(Upstream {
+            eps: Arc::new(Endpoints {
+                host: cfg.host,
+                list,
+                active: AtomicUsize::new(0),
+            }),
+        })
+    }
+
+    pub fn host(&self) -> &RegistryHost {
+        &self.eps.host
+    }
+
+    /// `GET /v2/`: whether the registry is there. A 401 with a parseable challenge counts as
+    /// reachable (and teaches the client which auth scheme to use); no credentials are sent.
+    #[tracing::instrument(level = "debug", skip_all, fields(upstream = %self.eps.host))]
+    pub async fn ping(&self) -> Result<(), UpstreamError> {
+        self.failover(|inner| async move { inner.ping().await })
+            .await
+    }
+
+    /// Runs `op` (one request with its retries) against the URL in use; when that URL is
+    /// unreachable, against the next ones in turn. The first URL that answers becomes the one
+    /// in use. An answer that is an error (401, 404, a bad body) is returned as is: another
+    /// URL of the same registry would say the same.
+    async fn failover<T, F, Fut>(&self, op: F) -> Result<T, UpstreamError>
+    where
+        F: Fn(Arc<Inner>) -> Fut,
+        Fut: Future<Output = Result<T, UpstreamError>>,
+    {
+        let n = self.eps.list.len();
+        let first = self.eps.active.load(Ordering::Relaxed) % n;
+        let mut k = 0;
+        loop {
+            let i = (first + k) % n;
+            let inner = &self.eps.list[i];
+            match op(Arc::clone(inner)).await {
+                Err(e) if e.is_unreachable() && k + 1 < n => {
+                    let next = &self.eps.list[(i + 1) % n];
+                    tracing::warn!(
+                        upstream = %self.eps.host,
+                        from = %client::redact(&inner.base),
+                        to = %client::redact(&next.base),
+                        error = %e,
+                        "upstream URL unreachable; trying the next one"
+                    );
+                    k += 1;
+                }
+                r => {
+                    if k > 0 && r.is_ok() {
+                        self.eps.active.store(i, Ordering::Relaxed);
+                    }
+                    return r;
+                }
+            }
+        }
+    }
+}
+
+impl Inner {
+    /// Validates one base URL with the rest of the configuration and builds its client.
+    fn new(cfg: &UpstreamConfig, url: &str, backoff: Backoff) -> Result<Inner, UpstreamError> {
         let host = &cfg.host;
         // The raw string is not echoed: it might hold credentials.
-        let base = Url::parse(&cfg.url).map_err(|e| {
+        let base = Url::parse(url).map_err(|e| {
             UpstreamError::Config(format!("URL of upstream {host} is not a valid URL: {e}"))
         })?;
         if !base.username().is_empty() || base.password().is_some() {
@@ -187,9 +274,11 @@ impl Upstream {
                 "upstream {host} URL {shown} must not have a query or fragment"
             )));
         }
-        let creds = match (cfg.username, cfg.password) {
+        let creds = match (&cfg.username, &cfg.password) {
             (None, None) => None,
-            (Some(username), Some(password)) => Some(Credentials::new(username, password)?),
+            (Some(username), Some(password)) => {
+                Some(Credentials::new(username.clone(), password.clone())?)
+            }
             _ => {
                 return Err(UpstreamError::Config(format!(
                     "upstream {host}: username and password must be given together"
@@ -218,31 +307,17 @@ impl Upstream {
                 UpstreamError::Config(format!("upstream {host}: cannot build HTTP client: {e}"))
             })?;
         let base_prefix = base.as_str().trim_end_matches('/').to_owned();
-        Ok(Upstream {
-            inner: Arc::new(Inner {
-                host: cfg.host,
-                base,
-                base_prefix,
-                client,
-                creds,
-                auth: Mutex::new(AuthState::default()),
-                insecure: cfg.insecure,
-                connect_timeout: cfg.connect_timeout,
-                idle_timeout: cfg.idle_timeout,
-                max_retries: cfg.max_retries,
-                backoff,
-            }),
+        Ok(Inner {
+            base,
+            base_prefix,
+            client,
+            creds,
+            auth: Mutex::new(AuthState::default()),
+            insecure: cfg.insecure,
+            connect_timeout: cfg.connect_timeout,
+            idle_timeout: cfg.idle_timeout,
+            max_retries: cfg.max_retries,
+            backoff,
         })
-    }
-
-    pub fn host(&self) -> &RegistryHost {
-        &self.inner.host
-    }
-
-    /// `GET /v2/`: whether the registry is there. A 401 with a parseable challenge counts as
-    /// reachable (and teaches the client which auth scheme to use); no credentials are sent.
-    #[tracing::instrument(level = "debug", skip_all, fields(upstream = %self.inner.host))]
-    pub async fn ping(&self) -> Result<(), UpstreamError> {
-        self.inner.ping().await
     }
 }

@@ -422,8 +422,7 @@ async fn redirect_to_plain_http_needs_insecure() {
         .body(Vec::<u8>::new())
         .unwrap()
         .into();
-    let err = up
-        .inner
+    let err = up.eps.list[0]
         .redirect_target(&resp, &from, "https://r.example/v2/a/blobs/x")
         .unwrap_err();
     assert!(err.to_string().contains("plain http"), "{err}");
@@ -776,6 +775,71 @@ async fn refused_connection_is_unreachable() {
     );
 }
 
+#[tokio::test]
+async fn an_unreachable_url_fails_over_to_the_next_and_stays_there() {
+    let dead = server::bind().await.local_addr().unwrap();
+    let blob = Bytes::from(random_bytes(100_000));
+    let d = Digest::sha256_of(&blob);
+    let manifest = manifest_bytes();
+    let srv = Server::start({
+        let (blob, manifest) = (blob.clone(), manifest.clone());
+        move |req: Seen| {
+            let (blob, manifest) = (blob.clone(), manifest.clone());
+            async move {
+                if req.path.contains("/blobs/") {
+                    blob_response(&req, &blob)
+                } else {
+                    manifest_response(&manifest)
+                }
+            }
+        }
+    })
+    .await;
+    let mut cfg = config(&format!("http://{dead}"));
+    cfg.fallback_urls = vec![srv.url()];
+    cfg.max_retries = 1;
+    let up = upstream(cfg);
+
+    let m = within("manifest", up.get_manifest(&repo(), &tag("v1"), &[]))
+        .await
+        .unwrap();
+    assert_eq!(m.bytes, manifest);
+    // The fallback is now the URL in use: the next requests go there first.
+    let started = Instant::now();
+    assert_eq!(
+        within("size", up.blob_size(&repo(), &d)).await.unwrap(),
+        Some(blob.len() as u64)
+    );
+    let got = collect(within("blob", up.get_blob(&repo(), &d, 0)).await.unwrap())
+        .await
+        .unwrap();
+    assert!(got == blob[..]);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "went back to the dead URL first ({:?})",
+        started.elapsed()
+    );
+    assert_eq!(srv.seen().len(), 3);
+
+    // An answer that is an error is not a reason to try elsewhere.
+    let srv404 =
+        Server::start(|_req: Seen| async { response(StatusCode::NOT_FOUND, &[], empty()) }).await;
+    let mut cfg = config(&srv404.url());
+    cfg.fallback_urls = vec![srv.url()];
+    let up = upstream(cfg);
+    let err = within("404", up.blob_size(&repo(), &d)).await.unwrap_err();
+    assert!(err.is_not_found(), "{err:?}");
+    assert_eq!(srv.seen().len(), 3, "the fallback was asked after a 404");
+
+    // A fallback URL is validated like the first.
+    let mut cfg = config(&srv.url());
+    cfg.insecure = false;
+    cfg.url = "https://registry.test".into();
+    cfg.fallback_urls = vec!["http://plain.test".into()];
+    let err = Upstream::new(cfg).unwrap_err();
+    assert!(err.to_string().contains("plain http"), "{err}");
+}
+
 // ---------------------------------------------------------------------------------------
 // Manifests.
 
@@ -961,7 +1025,7 @@ fn configuration_is_validated() {
     // A base path is kept (registries behind a path prefix).
     let up = Upstream::new(UpstreamConfig::new(host(), "https://r.example/mirror/")).unwrap();
     assert_eq!(
-        up.inner.endpoint("/v2/").unwrap().as_str(),
+        up.eps.list[0].endpoint("/v2/").unwrap().as_str(),
         "https://r.example/mirror/v2/"
     );
 }
