@@ -493,6 +493,17 @@ impl TestNode {
         TestNode::start_capped(tracker, ca, name, ip, origin, config, None).await
     }
 
+    /// [`TestNode::start`] with the default peer configuration.
+    pub(crate) async fn plain(
+        tracker: &Arc<TestTracker>,
+        ca: &Arc<TestCa>,
+        name: &str,
+        ip: u8,
+        origin: &str,
+    ) -> TestNode {
+        TestNode::start(tracker, ca, name, ip, origin, PeerConfig::default()).await
+    }
+
     /// [`TestNode::start`] with a store capped at `max_bytes`.
     pub(crate) async fn start_capped(
         tracker: &Arc<TestTracker>,

@@ -212,24 +212,8 @@ async fn hostile_frames_close_the_connection_and_never_panic() {
 async fn a_peer_fetches_a_seeded_blob_over_quic() {
     let (tracker, ca) = cluster();
     let origin = Origin::start().await;
-    let a = TestNode::start(
-        &tracker,
-        &ca,
-        "node-a",
-        1,
-        &origin.url(),
-        PeerConfig::default(),
-    )
-    .await;
-    let b = TestNode::start(
-        &tracker,
-        &ca,
-        "node-b",
-        2,
-        &origin.url(),
-        PeerConfig::default(),
-    )
-    .await;
+    let a = TestNode::plain(&tracker, &ca, "node-a", 1, &origin.url()).await;
+    let b = TestNode::plain(&tracker, &ca, "node-b", 2, &origin.url()).await;
     let blob = random_blob(5 * PL + 123, 2);
     let d = a.seed(&blob).await;
     origin.add(&blob);
@@ -270,15 +254,7 @@ async fn an_evicted_blob_is_withdrawn_from_the_tracker() {
         cap,
     )
     .await;
-    let b = TestNode::start(
-        &tracker,
-        &ca,
-        "node-b",
-        2,
-        &origin.url(),
-        PeerConfig::default(),
-    )
-    .await;
+    let b = TestNode::plain(&tracker, &ca, "node-b", 2, &origin.url()).await;
     let first = a.seed(&random_blob(blob_len, 11)).await;
     let holders = |r: &shoal_proto::msg::LocateReply| {
         r.peers.iter().map(|p| p.node.clone()).collect::<Vec<_>>()
@@ -315,24 +291,8 @@ async fn an_evicted_blob_is_withdrawn_from_the_tracker() {
 async fn a_blob_the_upstream_refuses_is_not_taken_from_peers() {
     let (tracker, ca) = cluster();
     let origin = Origin::start().await;
-    let a = TestNode::start(
-        &tracker,
-        &ca,
-        "node-a",
-        3,
-        &origin.url(),
-        PeerConfig::default(),
-    )
-    .await;
-    let b = TestNode::start(
-        &tracker,
-        &ca,
-        "node-b",
-        4,
-        &origin.url(),
-        PeerConfig::default(),
-    )
-    .await;
+    let a = TestNode::plain(&tracker, &ca, "node-a", 3, &origin.url()).await;
+    let b = TestNode::plain(&tracker, &ca, "node-b", 4, &origin.url()).await;
     // A holds it; the origin does not have it in this repository (as a registry answers for
     // a blob not linked there, or for a repository this node may not read).
     let d = a.seed(&random_blob(3 * PL, 13)).await;
@@ -402,15 +362,7 @@ async fn verified_pieces_are_served_while_the_blob_still_downloads() {
         ..PeerConfig::default()
     };
     let a = TestNode::start(&tracker, &ca, "node-a", 20, &origin.url(), slow).await;
-    let b = TestNode::start(
-        &tracker,
-        &ca,
-        "node-b",
-        21,
-        &origin.url(),
-        PeerConfig::default(),
-    )
-    .await;
+    let b = TestNode::plain(&tracker, &ca, "node-b", 21, &origin.url()).await;
     // A takes the origin slot first.
     let a_pull = tokio::spawn({
         let (downloads, upstream, d) = (a.downloads.clone(), a.upstream.clone(), d.clone());
@@ -514,33 +466,9 @@ async fn a_stalled_peer_is_abandoned_within_seconds() {
 async fn a_corrupt_peer_is_reported_and_nothing_bad_is_committed() {
     let (tracker, ca) = cluster();
     let origin = Origin::start().await;
-    let liar = TestNode::start(
-        &tracker,
-        &ca,
-        "node-liar",
-        40,
-        &origin.url(),
-        PeerConfig::default(),
-    )
-    .await;
-    let honest = TestNode::start(
-        &tracker,
-        &ca,
-        "node-good",
-        41,
-        &origin.url(),
-        PeerConfig::default(),
-    )
-    .await;
-    let c = TestNode::start(
-        &tracker,
-        &ca,
-        "node-c",
-        42,
-        &origin.url(),
-        PeerConfig::default(),
-    )
-    .await;
+    let liar = TestNode::plain(&tracker, &ca, "node-liar", 40, &origin.url()).await;
+    let honest = TestNode::plain(&tracker, &ca, "node-good", 41, &origin.url()).await;
+    let c = TestNode::plain(&tracker, &ca, "node-c", 42, &origin.url()).await;
     let blob = random_blob(12 * PL, 6);
     let d = liar.seed(&blob).await;
     honest.seed(&blob).await;
@@ -571,24 +499,8 @@ async fn a_blob_that_fails_its_digest_aborts_every_client_and_then_goes_direct()
     // The origin serves wrong bytes: the seeder's provisional hashes describe them, so every
     // piece checks out and only the whole-blob digest can tell.
     origin.put(&d, &bad);
-    let a = TestNode::start(
-        &tracker,
-        &ca,
-        "node-a",
-        70,
-        &origin.url(),
-        PeerConfig::default(),
-    )
-    .await;
-    let b = TestNode::start(
-        &tracker,
-        &ca,
-        "node-b",
-        71,
-        &origin.url(),
-        PeerConfig::default(),
-    )
-    .await;
+    let a = TestNode::plain(&tracker, &ca, "node-a", 70, &origin.url()).await;
+    let b = TestNode::plain(&tracker, &ca, "node-b", 71, &origin.url()).await;
     let (ra, rb) = within("pulls", futures::future::join(a.pull(&d), b.pull(&d))).await;
     assert!(
         ra.is_err() && rb.is_err(),
@@ -620,24 +532,8 @@ async fn a_blob_that_fails_its_digest_aborts_every_client_and_then_goes_direct()
 async fn an_interrupted_download_resumes_with_its_re_verified_pieces() {
     let (tracker, ca) = cluster();
     let origin = Origin::start().await;
-    let a = TestNode::start(
-        &tracker,
-        &ca,
-        "node-a",
-        80,
-        &origin.url(),
-        PeerConfig::default(),
-    )
-    .await;
-    let b = TestNode::start(
-        &tracker,
-        &ca,
-        "node-b",
-        81,
-        &origin.url(),
-        PeerConfig::default(),
-    )
-    .await;
+    let a = TestNode::plain(&tracker, &ca, "node-a", 80, &origin.url()).await;
+    let b = TestNode::plain(&tracker, &ca, "node-b", 81, &origin.url()).await;
     let blob = random_blob(10 * PL, 11);
     let d = a.seed(&blob).await;
     origin.add(&blob);
@@ -678,15 +574,7 @@ async fn an_interrupted_download_resumes_with_its_re_verified_pieces() {
 async fn without_a_coordinator_the_pull_reads_the_origin() {
     let (tracker, ca) = cluster();
     let origin = Origin::start().await;
-    let b = TestNode::start(
-        &tracker,
-        &ca,
-        "node-b",
-        50,
-        &origin.url(),
-        PeerConfig::default(),
-    )
-    .await;
+    let b = TestNode::plain(&tracker, &ca, "node-b", 50, &origin.url()).await;
     let blob = random_blob(3 * PL + 5, 7);
     let d = origin.add(&blob);
     tracker.available.store(false, Ordering::SeqCst);
@@ -734,15 +622,7 @@ async fn throughput() {
             download_limit: limit,
             ..PeerConfig::default()
         };
-        let a = TestNode::start(
-            &tracker,
-            &ca,
-            "node-a",
-            90,
-            &origin.url(),
-            PeerConfig::default(),
-        )
-        .await;
+        let a = TestNode::plain(&tracker, &ca, "node-a", 90, &origin.url()).await;
         let b = TestNode::start(&tracker, &ca, "node-b", 91, &origin.url(), config).await;
         let d = a.seed(&blob).await;
         origin.add(&blob);
