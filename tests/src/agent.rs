@@ -37,6 +37,8 @@ pub struct AgentOptions {
     pub store_extra: String,
     /// Whole sections appended to the config, e.g. `[cluster]` and `[peer]` tables.
     pub extra_toml: String,
+    /// Extra lines for every `[[upstream]]` table (e.g. `ca_file`, `fallback_urls`).
+    pub upstream_toml: String,
     /// How long [`TestAgent::start_with`] waits for the mirror to answer (a cluster member
     /// enrolls first).
     pub ready_timeout: Duration,
@@ -59,6 +61,7 @@ impl AgentOptions {
             max_retries: 2,
             store_extra: String::new(),
             extra_toml: String::new(),
+            upstream_toml: String::new(),
             ready_timeout: Duration::from_secs(10),
             own_runtime: false,
         }
@@ -80,10 +83,11 @@ impl AgentOptions {
         for (host, url) in &self.upstreams {
             t.push_str(&format!(
                 "[[upstream]]\nhost = \"{host}\"\nurl = \"{url}\"\ninsecure_http = true\n\
-                 connect_timeout = \"{}ms\"\nidle_timeout = \"{}ms\"\nmax_retries = {}\n",
+                 connect_timeout = \"{}ms\"\nidle_timeout = \"{}ms\"\nmax_retries = {}\n{}\n",
                 self.connect_timeout.as_millis(),
                 self.idle_timeout.as_millis(),
                 self.max_retries,
+                self.upstream_toml,
             ));
         }
         if !self.extra_toml.is_empty() {
