@@ -55,6 +55,29 @@ impl ApiError {
     }
 }
 
+/// `n` and `last` of a tag list request (anything else, `ns` included, is left alone).
+fn tags_query(query: Option<&str>) -> Result<(Option<u32>, Option<Tag>), ApiError> {
+    let bad = |what: String| ApiError::new(ErrorCode::BadRequest, what);
+    let (mut n, mut last) = (None, None);
+    for pair in query.unwrap_or("").split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "n" => {
+                let parsed =
+                    (!v.is_empty() && v.len() <= 6 && v.bytes().all(|b| b.is_ascii_digit()))
+                        .then(|| v.parse::<u32>().ok())
+                        .flatten();
+                n = Some(parsed.ok_or_else(|| bad("n must be a number up to 999999".into()))?);
+            }
+            "last" => {
+                last = Some(Tag::parse(v).map_err(|e| bad(format!("last is not a tag: {e}")))?);
+            }
+            _ => {}
+        }
+    }
+    Ok((n, last))
+}
+
 fn upstream_error(e: &UpstreamError, not_found: ErrorCode, what: &str) -> ApiError {
     if e.is_not_found() {
         ApiError::new(not_found, format!("{what} not found upstream"))
@@ -209,9 +232,30 @@ impl Mirror {
                 ErrorCode::Unsupported,
                 "this is a pull-through mirror: pushes are not supported",
             )),
-            Route::TagsList { .. } | Route::Catalog => Err(ApiError::new(
+            Route::TagsList { name } => {
+                let (n, last) = tags_query(req.uri().query())?;
+                let page = upstream
+                    .tags_list(&name, n, last.as_ref())
+                    .await
+                    .map_err(|e| upstream_error(&e, ErrorCode::NameUnknown, "repository"))?;
+                log.source = Some(Source::Upstream);
+                let mut resp = Response::builder()
+                    .status(StatusCode::OK)
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .header(header::CONTENT_LENGTH, page.body.len());
+                if let Some(next) = page.next {
+                    resp = resp.header(header::LINK, next);
+                }
+                let body = if head {
+                    full(Bytes::new())
+                } else {
+                    full(page.body)
+                };
+                Ok(resp.body(body).expect("valid response"))
+            }
+            Route::Catalog => Err(ApiError::new(
                 ErrorCode::Unsupported,
-                "this mirror serves pulls only (no catalog or tag listing)",
+                "this mirror does not list the upstream's catalog",
             )),
         }
     }

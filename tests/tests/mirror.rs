@@ -731,3 +731,80 @@ async fn pushed_manifest_size(registry: &Registry, digest: &str) -> Result<usize
     ensure!(r.status == 200, "manifest {digest}: {}", r.status);
     Ok(r.body.len())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tag_lists_pass_through_with_their_paging_and_bad_parameters_are_refused() -> Result<()> {
+    within(async {
+        let image = TestImage::generate(&ImageSpec::new(vec![64 * 1024], 81), "v1")?;
+        let registry = registry_with(&image).await?;
+        for tag in ["v2", "v3"] {
+            let dest = format!("{}/shoal/app:{tag}", registry.host_port());
+            Skopeo::push_image(&image, &dest, &CopyOptions::default()).await?;
+        }
+        let agent = TestAgent::start(&registry.url()).await?;
+
+        // The real client: skopeo list-tags through the mirror.
+        let out = tokio::process::Command::new("skopeo")
+            .args(["list-tags", "--tls-verify=false"])
+            .arg(format!("docker://{}/shoal/app", agent.host_port()))
+            .kill_on_drop(true)
+            .output()
+            .await
+            .context("running skopeo list-tags")?;
+        ensure!(
+            out.status.success(),
+            "skopeo list-tags failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        ensure!(
+            listed["Tags"] == serde_json::json!(["v1", "v2", "v3"]),
+            "skopeo listed {listed}"
+        );
+
+        // Paging parameters reach the registry as given (Distribution 2.8 answers every tag
+        // regardless; the agent's handling of a `Link` to the next page is unit-tested).
+        let base = format!("http://{}/v2/shoal/app/tags/list", agent.host_port());
+        let page = http_get(&format!("{base}?n=2&last=v1"), Duration::from_secs(10)).await?;
+        ensure!(page.status == 200, "tags list: {}", page.status);
+        let tags: serde_json::Value = serde_json::from_slice(&page.body)?;
+        ensure!(tags["name"] == "shoal/app", "{tags}");
+        ensure!(
+            registry
+                .access_log()
+                .iter()
+                .any(|e| e.uri == "/v2/shoal/app/tags/list?n=2&last=v1"),
+            "the registry never saw the paging parameters"
+        );
+        let before = registry.access_log().len();
+
+        // Hostile parameters never reach the registry; unknown repositories are 404.
+        for (query, status) in [
+            ("n=abc", 400),
+            ("n=-1", 400),
+            ("last=%2e%2e", 400),
+            ("last=a/b", 400),
+        ] {
+            let r = http_get(&format!("{base}?{query}"), Duration::from_secs(10)).await?;
+            ensure!(r.status == status, "?{query}: {} {:?}", r.status, r.body);
+            let e: ErrorBody = serde_json::from_slice(&r.body)?;
+            ensure!(e.errors[0].code == ErrorCode::BadRequest, "?{query}: {e:?}");
+        }
+        let r = http_get(
+            &format!("http://{}/v2/no/such/tags/list", agent.host_port()),
+            Duration::from_secs(10),
+        )
+        .await?;
+        ensure!(r.status == 404, "unknown repository: {}", r.status);
+        let tag_requests = registry.access_log()[before..]
+            .iter()
+            .filter(|e| e.path.ends_with("/tags/list"))
+            .count();
+        ensure!(
+            tag_requests == 1,
+            "{tag_requests} tag list requests after the checks (want only the unknown repository's)"
+        );
+        Ok(())
+    })
+    .await
+}

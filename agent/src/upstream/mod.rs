@@ -39,6 +39,7 @@ mod error;
 mod manifest;
 mod retry;
 mod secret;
+mod tags;
 mod tls;
 
 #[cfg(test)]
@@ -57,6 +58,7 @@ pub use blob::BlobBody;
 pub use error::UpstreamError;
 pub use manifest::{Manifest, ManifestHead};
 pub use secret::Secret;
+pub use tags::{MAX_TAGS_PAGE, TagsPage};
 
 use auth::{AuthState, Credentials};
 use retry::Backoff;
