@@ -218,3 +218,69 @@ async fn coordinator_aborts_every_waiter_when_the_shared_upstream_body_breaks() 
     })
     .await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coordinator_coalesces_concurrent_heads_of_one_blob_apart_from_gets() -> Result<()> {
+    within(async {
+        require_coordinator_tools()?;
+        let registry = Registry::start().await?;
+        let blob: Vec<u8> = (0..MIB).map(|i| (i * 13 % 251) as u8).collect();
+        let digest = push_blob(&registry.url(), "heads/app", &blob).await?;
+        let proxy = Proxy::start(&registry.url()).await?;
+        let c = TestCoordinator::start(CoordinatorOptions::new(&[proxy.url()])).await?;
+        let client = c.client()?;
+        let url = c.url(&format!("/v2/heads/app/blobs/{digest}"));
+
+        // A slow upstream: every request for the blob waits before it is forwarded, the
+        // window in which the HEADs arrive (each is answered when the shared one is).
+        proxy.inject(&digest, Fault::Delay(Duration::from_secs(5)));
+        let heads: Vec<_> = (0..10)
+            .map(|_| {
+                let (client, url) = (client.clone(), url.clone());
+                tokio::spawn(async move {
+                    let r = client.head(&url).send().await?;
+                    ensure!(r.status() == 200, "{}", r.status());
+                    let len = r
+                        .headers()
+                        .get("content-length")
+                        .context("no Content-Length")?
+                        .to_str()?
+                        .parse::<usize>()?;
+                    Ok::<_, anyhow::Error>(len)
+                })
+            })
+            .collect();
+        // A GET at the same time has a flight of its own: it needs the body.
+        let get = spawn_gets(&client, &url, 1, None)
+            .pop()
+            .context("one get")?;
+        wait_until(
+            Duration::from_secs(20),
+            "10 HEADs share one flight",
+            || async { coalesced(&c).await >= 9.0 },
+        )
+        .await?;
+        for h in heads {
+            let len = h.await??;
+            ensure!(len == blob.len(), "a HEAD said {len} bytes");
+        }
+        let upstream_heads = proxy.count(&http::Method::HEAD, |p| p.ends_with(&digest));
+        ensure!(
+            upstream_heads == 1,
+            "{upstream_heads} upstream HEADs for 10 clients"
+        );
+        let body = get.await??;
+        ensure!(proxy.blob_get_count(&digest) == 1);
+        ensure!(
+            coalesced(&c).await == 9.0,
+            "the GET joined the HEADs' flight"
+        );
+        ensure!(
+            sha256_digest(&body) == digest,
+            "the GET got {} bytes",
+            body.len()
+        );
+        c.stop().await
+    })
+    .await
+}

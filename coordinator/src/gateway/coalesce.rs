@@ -54,6 +54,8 @@ pub struct FlightKey {
     pub repo: RepoName,
     pub digest: Digest,
     pub manifest: bool,
+    /// HEADs share a flight of their own (a HEAD answer has no body to give a GET).
+    pub head: bool,
 }
 
 /// The status and headers of the shared upstream response.
@@ -420,6 +422,7 @@ mod tests {
             repo: RepoName::parse("a/b").unwrap(),
             digest: Digest::sha256_of(b"x"),
             manifest: false,
+            head: false,
         }
     }
 

@@ -9,7 +9,7 @@
 //! 5. pool selection by `?ns=` (the default pool without it);
 //! 6. the request body's first frame is read before anything goes upstream, so a body that
 //!    is malformed from the start (a bad chunk size) is refused without reaching a replica;
-//! 7. forwarding ([`forward`]): coalesced for GETs of a blob or manifest digest
+//! 7. forwarding ([`forward`]): coalesced for GETs and HEADs of a blob or manifest digest
 //!    ([`coalesce`]), pinned to the session's replica for uploads ([`uploads`]), balanced and
 //!    retried otherwise; the response's `Location` is rewritten to the coordinator;
 //! 8. every response gets `Docker-Distribution-Api-Version: registry/2.0`, an access log line
@@ -281,7 +281,7 @@ struct Prepared {
     body: Option<Body>,
     /// Where `Location` headers are rewritten to.
     public: Option<PublicBase>,
-    /// The digest of a coalescable GET.
+    /// The digest of a coalescable GET or HEAD.
     digest: Option<shoal_proto::Digest>,
 }
 
@@ -298,6 +298,7 @@ impl Prepared {
             repo: name.clone(),
             digest,
             manifest,
+            head: self.method == Method::HEAD,
         })
     }
 }
@@ -555,8 +556,9 @@ impl Gateway {
             (Policy::DigestHash, Some(d)) => AffinityKey::Digest(d.to_string()),
             _ => AffinityKey::None,
         };
-        // Plain GETs of content-addressed objects may share one upstream request.
-        let coalescable = method == Method::GET
+        // Plain GETs (and HEADs: many agents check a blob at once before taking it from
+        // peers) of content-addressed objects may share one upstream request.
+        let coalescable = (method == Method::GET || method == Method::HEAD)
             && body.is_none()
             && !parts.headers.contains_key(header::RANGE)
             && !parts.headers.keys().any(|k| k.as_str().starts_with("if-"));
