@@ -112,6 +112,9 @@ async fn coordinator_weighted_split_holds_and_down_replicas_get_nothing() -> Res
         let dead = format!("http://127.0.0.1:{}", free_port()?);
         let mut opts = CoordinatorOptions::new(&[a.url(), b.url()]);
         opts.policy = "weighted".into();
+        // Every request must reach a replica to be counted: concurrent HEADs of one blob
+        // would otherwise share one upstream request.
+        opts.coalescing = false;
         opts.replicas[0].weight = 2;
         opts.replicas.push(ReplicaOption {
             url: dead.clone(),
