@@ -193,6 +193,11 @@ impl AccessRules {
         Ok(AccessRules { rules })
     }
 
+    /// How many rules there are (0 when rules are off).
+    pub fn count(&self) -> usize {
+        self.rules.len()
+    }
+
     /// Whether rules are configured at all.
     pub fn is_enabled(&self) -> bool {
         !self.rules.is_empty()

@@ -319,6 +319,16 @@ pub struct Config {
     pub default_registry: usize,
     /// The cluster CA, enrollment and the tracker; `None` without a `[cluster]` section.
     pub cluster: Option<ClusterSettings>,
+    /// Where this configuration was read from (`None` for inline text): a reload reads the
+    /// access rules from there again.
+    pub source: Option<ConfigSource>,
+}
+
+/// The file and flags a [`Config`] came from.
+#[derive(Debug, Clone)]
+pub struct ConfigSource {
+    pub path: PathBuf,
+    pub overrides: Overrides,
 }
 
 #[derive(Debug, Clone)]
@@ -438,7 +448,12 @@ impl Config {
             path: path.to_owned(),
             message,
         })?;
-        build(file, overrides, path.parent())
+        let mut config = build(file, overrides, path.parent())?;
+        config.source = Some(ConfigSource {
+            path: path.to_owned(),
+            overrides: overrides.clone(),
+        });
+        Ok(config)
     }
 
     /// Parses a config from TOML text (relative paths resolve against `base_dir`).
@@ -583,6 +598,7 @@ fn build(file: FileConfig, ov: &Overrides, base: Option<&Path>) -> Result<Config
         registries,
         default_registry,
         cluster,
+        source: None,
     })
 }
 

@@ -203,6 +203,7 @@ pub async fn run_with_reload(
         config.server.tls_cert.clone(),
         config.server.tls_key.clone(),
         auth,
+        config.source.clone(),
         access_log.clone(),
         metrics.clone(),
     );

@@ -1,7 +1,8 @@
 //! Reloading the files that change while the coordinator runs: the TLS certificate and key,
-//! the htpasswd file, and the access log (reopened for logrotate). On SIGHUP everything is
-//! reloaded; between signals the files are polled for changes (size, mtime, inode), which is
-//! cheap and catches `cert init --force` or `user add` without a signal.
+//! the htpasswd file, the access rules (from the config file; its other settings need a
+//! restart), and the access log (reopened for logrotate). On SIGHUP everything is reloaded;
+//! between signals the files are polled for changes (size, mtime, inode), which is cheap and
+//! catches `cert init --force`, `user add` or an edited rule without a signal.
 //!
 //! A file that fails to load leaves the previous one in force (that logic lives in
 //! [`ReloadingCertResolver::reload`] and [`Authenticator::reload`]); its new signature is
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use crate::auth::Authenticator;
+use crate::config::{Config, ConfigSource};
 use crate::gateway::accesslog::AccessLog;
 use crate::metrics::Metrics;
 use crate::tls::ReloadingCertResolver;
@@ -39,10 +41,13 @@ pub struct Reloader {
     resolver: Arc<ReloadingCertResolver>,
     cert_files: [PathBuf; 2],
     auth: Option<(Arc<Authenticator>, PathBuf)>,
+    /// The config file the access rules are read from again.
+    config: Option<ConfigSource>,
     access_log: AccessLog,
     metrics: Metrics,
     cert_sig: [Option<Signature>; 2],
     auth_sig: Option<Signature>,
+    config_sig: Option<Signature>,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -59,27 +64,34 @@ impl Reloader {
         cert: PathBuf,
         key: PathBuf,
         auth: Option<(Arc<Authenticator>, PathBuf)>,
+        config: Option<ConfigSource>,
         access_log: AccessLog,
         metrics: Metrics,
     ) -> Reloader {
         let cert_sig = [signature(&cert), signature(&key)];
         let auth_sig = auth.as_ref().and_then(|(_, p)| signature(p));
+        let config_sig = config.as_ref().and_then(|c| signature(&c.path));
         Reloader {
             resolver,
             cert_files: [cert, key],
             auth,
+            config,
             access_log,
             metrics,
             cert_sig,
             auth_sig,
+            config_sig,
         }
     }
 
     /// SIGHUP: reload everything, changed or not.
     pub fn reload_all(&mut self) {
-        tracing::info!("reloading the certificate, the htpasswd file and the access log");
+        tracing::info!(
+            "reloading the certificate, the htpasswd file, the access rules and the access log"
+        );
         self.reload_cert();
         self.reload_auth();
+        self.reload_rules();
         self.access_log.reopen();
     }
 
@@ -97,6 +109,41 @@ impl Reloader {
         {
             self.reload_auth();
         }
+        if let Some(c) = &self.config
+            && signature(&c.path) != self.config_sig
+        {
+            self.reload_rules();
+        }
+    }
+
+    /// Reads the config file again and puts its access rules in force. A file that does not
+    /// load (or that turns authentication off, which needs a restart) leaves the rules as
+    /// they were.
+    fn reload_rules(&mut self) {
+        let (Some((auth, _)), Some(source)) = (&self.auth, &self.config) else {
+            return;
+        };
+        self.config_sig = signature(&source.path);
+        let ok = match Config::load(&source.path, &source.overrides) {
+            Ok(Config {
+                auth: Some(settings),
+                ..
+            }) => {
+                let count = settings.rules.count();
+                auth.set_rules(settings.rules);
+                tracing::info!(path = %source.path.display(), rules = count, "access rules reloaded");
+                true
+            }
+            Ok(_) => {
+                tracing::warn!(path = %source.path.display(), "the config file turns authentication off, which needs a restart; access rules unchanged");
+                false
+            }
+            Err(error) => {
+                tracing::warn!(path = %source.path.display(), %error, "config file does not load; access rules unchanged");
+                false
+            }
+        };
+        self.metrics.reload("access_rules", ok);
     }
 
     fn reload_cert(&mut self) {

@@ -276,7 +276,10 @@ impl TestCoordinator {
         std::fs::write(client_cert_dir.join("ca.crt"), &ca_pem)?;
 
         let text = opts.toml(dir.path())?;
-        let config = Config::from_toml(&text, &Overrides::default(), Some(dir.path()))
+        // A file, as in production: a reload reads the access rules from it again.
+        let config_path = dir.path().join("coordinator.toml");
+        std::fs::write(&config_path, &text)?;
+        let config = Config::load(&config_path, &Overrides::default())
             .with_context(|| format!("test config:\n{text}"))?;
         let https = TcpListener::bind("127.0.0.1:0").await?;
         let http = if opts.insecure_http {
@@ -399,6 +402,11 @@ impl TestCoordinator {
     /// The server certificate and key files (for reload tests).
     pub fn tls_dir(&self) -> PathBuf {
         self.dir.path().join("tls")
+    }
+
+    /// The config file the coordinator was started from (edit it, then [`Self::reload`]).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("coordinator.toml")
     }
 
     pub fn access_log_path(&self) -> PathBuf {

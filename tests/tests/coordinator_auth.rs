@@ -341,6 +341,62 @@ async fn coordinator_answers_401_403_429_and_ping_like_a_registry() -> Result<()
     .await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coordinator_reloads_access_rules_from_its_config_file() -> Result<()> {
+    within(async {
+        require_coordinator_tools()?;
+        let dir = tempfile::tempdir()?;
+        let (a, _b) = protected_replicas(dir.path()).await?;
+        let c = coordinator(dir.path(), &[&a], "").await?;
+        let http = c.client()?;
+        let status = || {
+            let (http, url) = (http.clone(), c.url("/v2/ops/tool/tags/list"));
+            async move {
+                http.get(url)
+                    .basic_auth("reader", Some("reader-pw"))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            }
+        };
+        ensure!(status().await == 403, "reader may not read ops/* yet");
+
+        // A rule added to the file: in force without a restart (SIGHUP here; the file is
+        // also polled). The repository does not exist, so allowed means the registry's 404.
+        let config = c.config_path();
+        let original = std::fs::read_to_string(&config)?;
+        std::fs::write(
+            &config,
+            format!("{original}\n[[access]]\nusers = [\"reader\"]\nrepositories = [\"ops/**\"]\nactions = [\"pull\"]\n"),
+        )?;
+        c.reload();
+        shoal_tests::wait_until(Duration::from_secs(10), "the new rule is in force", || async {
+            status().await == 404
+        })
+        .await?;
+
+        // A file that does not load leaves the rules as they were.
+        std::fs::write(&config, format!("{original}\n[[access]]\nusers = 5\n"))?;
+        c.reload();
+        let failed = r#"file="access_rules",result="error""#;
+        shoal_tests::wait_until(
+            Duration::from_secs(10),
+            "the broken config file was rejected",
+            || async {
+                c.metric_sum("shoal_coordinator_reloads_total", &[failed])
+                    .await
+                    .unwrap_or(0.0)
+                    >= 1.0
+            },
+        )
+        .await?;
+        ensure!(status().await == 404, "a broken config file dropped the rules in force");
+        c.stop().await
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coordinator_reloads_users_and_certificate_without_restart() -> Result<()> {
     within(async {
