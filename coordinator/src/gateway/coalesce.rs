@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use bytes::{Bytes, BytesMut};
 use futures::future::BoxFuture;
 use http::{HeaderMap, StatusCode};
-use http_body::Frame;
+use http_body::{Body as _, Frame};
 use http_body_util::BodyExt;
 use shoal_proto::{Digest, RepoName};
 use tokio::sync::{mpsc, watch};
@@ -227,6 +227,17 @@ impl Coalescer {
                 return Err("upstream request failed".into());
             }
         };
+        if up.body.is_end_stream() {
+            // A HEAD's answer (or an empty body): nothing to spool.
+            for d in flight.take_direct() {
+                let _ = d.try_send(Direct::End);
+            }
+            flight.tx.send_modify(|p| {
+                p.head = Some(Ok(Arc::new(up.head)));
+                p.phase = Phase::Done;
+            });
+            return Ok(());
+        }
         let dir = self.spool_dir.clone();
         let file = tokio::task::spawn_blocking(move || tempfile::tempfile_in(dir))
             .await
