@@ -447,7 +447,15 @@ impl Subscription {
                 if stop.is_some_and(|s| pos >= s) {
                     return Ok(None);
                 }
-                let limit = stop.map_or(readable, |s| s.min(readable));
+                let mut limit = stop.map_or(readable, |s| s.min(readable));
+                // Until the commit, the last byte a client asked for is held back: a range that
+                // ends before the blob does must not complete with bytes the final check may
+                // still reject (the whole blob's last byte is held back by `readable`).
+                if !matches!(phase, Phase::Done)
+                    && let Some(s) = stop
+                {
+                    limit = limit.min(s - 1);
+                }
                 if pos < limit
                     && let Some(file) = file
                 {

@@ -239,6 +239,16 @@ async fn corrupt_upstream_blob_aborts_clients_and_is_never_stored() -> Result<()
         let agent = TestAgent::start(&proxy.url()).await?;
 
         let url = format!("{}/v2/shoal/app/blobs/{bad}", agent.url());
+        // A range of the cold blob that ends before the blob does must not complete either:
+        // its last byte waits for the digest check, which fails.
+        let r = get_streamed(&url, &[("Range", "bytes=0-99")], Duration::from_secs(20)).await?;
+        ensure!(r.status == 206, "range status {}", r.status);
+        ensure!(
+            r.end == End::Aborted && r.body.len() < 100,
+            "a range of a blob that fails verification must be aborted, got {:?} after {} bytes",
+            r.end,
+            r.body.len()
+        );
         let r = get_streamed(&url, &[], Duration::from_secs(20)).await?;
         ensure!(r.status == 200, "status {}", r.status);
         ensure!(
@@ -277,6 +287,86 @@ async fn corrupt_upstream_blob_aborts_clients_and_is_never_stored() -> Result<()
         let out = pull(&agent, "shoal/app:v1").await?;
         verify_layout(&out.path().join("oci"), &image)?;
         ensure!(committed.exists());
+        agent.stop().await
+    })
+    .await
+}
+
+/// Clients of a cold blob receive its bytes while upstream is still sending them, not after
+/// the whole blob arrived: with the upstream body stopped after 1 MiB, each of three
+/// concurrent clients (of one upstream GET) already holds most of that MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_of_a_cold_blob_receive_bytes_as_upstream_sends_them() -> Result<()> {
+    within(async {
+        require_tools()?;
+        let registry = Registry::start().await?;
+        let data: Vec<u8> = (0..6 * MIB).map(|i| (i * 13 % 251) as u8).collect();
+        let digest = push_blob(&registry.url(), "shoal/stream", &data).await?;
+        let proxy = Proxy::start(&registry.url()).await?;
+        proxy.stall_blob_after(&digest, MIB as u64);
+        let agent = TestAgent::start(&proxy.url()).await?;
+        let url = format!("{}/v2/shoal/stream/blobs/{digest}", agent.url());
+
+        let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut clients = Vec::new();
+        for i in 0..3 {
+            let (url, got_tx) = (url.clone(), got_tx.clone());
+            clients.push(tokio::spawn(async move {
+                use http_body_util::BodyExt as _;
+                let client = hyper_util::client::legacy::Client::builder(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .build_http::<http_body_util::Empty<bytes::Bytes>>();
+                let resp = client.get(url.parse()?).await?;
+                ensure!(resp.status() == 200, "status {}", resp.status());
+                let mut body = Vec::new();
+                let mut told = false;
+                let mut stream = resp.into_body();
+                while let Some(frame) = stream.frame().await {
+                    if let Ok(data) = frame?.into_data() {
+                        body.extend_from_slice(&data);
+                    }
+                    if !told && body.len() >= MIB / 2 {
+                        told = true;
+                        let _ = got_tx.send((i, body.len()));
+                    }
+                }
+                anyhow::Ok(body)
+            }));
+        }
+        drop(got_tx);
+        let mut early = Vec::new();
+        while early.len() < 3 {
+            let (i, len) = tokio::time::timeout(Duration::from_secs(30), got_rx.recv())
+                .await
+                .context("a client received nothing while upstream was stalled")?
+                .context("a client ended before receiving half a MiB")?;
+            early.push((i, len));
+        }
+        ensure!(
+            proxy.blob_get_count(&digest) == 1,
+            "{} upstream GETs for one blob",
+            proxy.blob_get_count(&digest)
+        );
+        ensure!(
+            !agent
+                .store_root()
+                .join("blobs/sha256")
+                .join(&digest[7..])
+                .exists(),
+            "the blob was committed before upstream sent it all"
+        );
+        proxy.release_stalls();
+        proxy.clear_faults();
+        for c in clients {
+            let body = c.await??;
+            ensure!(
+                body == data,
+                "a client got {} bytes, not the blob",
+                body.len()
+            );
+        }
+        println!("bytes each client held while upstream was stalled at 1 MiB: {early:?}");
         agent.stop().await
     })
     .await
