@@ -853,7 +853,8 @@ async fn tag_lists_pass_through_with_their_paging_and_bad_parameters_are_refused
         );
 
         // Paging parameters reach the registry as given (Distribution 2.8 answers every tag
-        // regardless; the agent's handling of a `Link` to the next page is unit-tested).
+        // regardless; the agent's handling of a `Link` to the next page is unit-tested), with
+        // the registry's name as `ns` (the agent's upstream URL is another host, a mirror).
         let base = format!("http://{}/v2/shoal/app/tags/list", agent.host_port());
         let page = http_get(&format!("{base}?n=2&last=v1"), Duration::from_secs(10)).await?;
         ensure!(page.status == 200, "tags list: {}", page.status);
@@ -863,7 +864,7 @@ async fn tag_lists_pass_through_with_their_paging_and_bad_parameters_are_refused
             registry
                 .access_log()
                 .iter()
-                .any(|e| e.uri == "/v2/shoal/app/tags/list?n=2&last=v1"),
+                .any(|e| e.uri == "/v2/shoal/app/tags/list?n=2&last=v1&ns=registry.test"),
             "the registry never saw the paging parameters"
         );
         let before = registry.access_log().len();

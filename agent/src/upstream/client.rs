@@ -75,7 +75,12 @@ fn is_followed_redirect(status: StatusCode) -> bool {
 impl Inner {
     pub(super) fn endpoint(&self, path: &str) -> Result<Url, UpstreamError> {
         let s = format!("{}{}", self.base_prefix, path);
-        Url::parse(&s).map_err(|e| UpstreamError::Config(format!("cannot build URL: {e}")))
+        let mut url =
+            Url::parse(&s).map_err(|e| UpstreamError::Config(format!("cannot build URL: {e}")))?;
+        if let Some(ns) = &self.ns {
+            url.query_pairs_mut().append_pair("ns", ns);
+        }
+        Ok(url)
     }
 
     /// Sends one request and waits for the response headers. The client's read timeout

@@ -142,6 +142,10 @@ struct Inner {
     base: Url,
     /// `base` as a string without trailing slash, for appending `/v2/...`.
     base_prefix: String,
+    /// The registry's name, sent as containerd's `ns` query parameter when this URL is a
+    /// mirror of it (another host): a coordinator in front of several registries picks the
+    /// pool by it, and registries ignore it.
+    ns: Option<String>,
     client: reqwest::Client,
     creds: Option<Credentials>,
     auth: Mutex<AuthState>,
@@ -309,9 +313,16 @@ impl Inner {
                 UpstreamError::Config(format!("upstream {host}: cannot build HTTP client: {e}"))
             })?;
         let base_prefix = base.as_str().trim_end_matches('/').to_owned();
+        let authority = match (base.host_str(), base.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (h, None) => h.unwrap_or_default().to_owned(),
+            (None, Some(_)) => String::new(),
+        };
+        let ns = (!authority.eq_ignore_ascii_case(host.as_str())).then(|| host.to_string());
         Ok(Inner {
             base,
             base_prefix,
+            ns,
             client,
             creds,
             auth: Mutex::new(AuthState::default()),

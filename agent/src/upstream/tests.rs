@@ -1028,6 +1028,22 @@ fn configuration_is_validated() {
         up.eps.list[0].endpoint("/v2/").unwrap().as_str(),
         "https://r.example/mirror/v2/"
     );
+    // A URL on another host is a mirror of the registry: it is told which one (containerd's
+    // `ns`), after any query of the request's own.
+    let up = Upstream::new(UpstreamConfig::new(host(), "https://gw.example:5000")).unwrap();
+    assert_eq!(
+        up.eps.list[0]
+            .endpoint("/v2/a/tags/list?n=2")
+            .unwrap()
+            .as_str(),
+        "https://gw.example:5000/v2/a/tags/list?n=2&ns=r.example"
+    );
+    let named = RegistryHost::parse("gw.example:5000").unwrap();
+    let up = Upstream::new(UpstreamConfig::new(named, "https://GW.example:5000")).unwrap();
+    assert_eq!(
+        up.eps.list[0].endpoint("/v2/").unwrap().as_str(),
+        "https://gw.example:5000/v2/"
+    );
 }
 
 #[tokio::test]
