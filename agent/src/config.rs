@@ -1,5 +1,5 @@
-//! Agent configuration: the TOML file (every field documented in `deploy/agent.toml` and
-//! `docs/config.md`), command-line overrides, and the typed, validated [`Config`] built from them.
+//! Agent configuration: the TOML file (every field documented in `deploy/agent.toml`, the
+//! configuration reference), command-line overrides, and the typed, validated [`Config`] built from them.
 //!
 //! Parse, don't validate: everything is checked here once, so the rest of the agent works with
 //! values that are already correct (a loopback-or-explicit listen address, an existing default

@@ -475,6 +475,11 @@ impl Mirror {
             }
             let mut buf = vec![0; blob.size as usize];
             std::os::unix::fs::FileExt::read_exact_at(&blob.file, &mut buf, 0).map_err(internal)?;
+            // Manifests and blobs share the store: a layer or a config asked for as a manifest
+            // is not one (the upstream gets to say `MANIFEST_UNKNOWN`).
+            if !looks_like_manifest(&buf) {
+                return Ok(None);
+            }
             let mt = blob
                 .media_type
                 .clone()
@@ -759,6 +764,17 @@ fn accepts(accept: &[String], media_type: &str) -> bool {
             .any(|a| a == "*/*" || a.eq_ignore_ascii_case(media_type))
 }
 
+/// Whether `bytes` is a JSON object with a `schemaVersion`, as every image manifest and index
+/// (Docker schema 1 and 2, OCI) is; layers and image configs are not.
+fn looks_like_manifest(bytes: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "schemaVersion")]
+        _schema_version: u32,
+    }
+    serde_json::from_slice::<Probe>(bytes).is_ok()
+}
+
 fn sniff_media_type(bytes: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct Probe {
@@ -866,6 +882,17 @@ impl Drop for LoggedBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_manifests_look_like_manifests() {
+        assert!(looks_like_manifest(br#"{"schemaVersion":2,"layers":[]}"#));
+        assert!(looks_like_manifest(b" {\n \"schemaVersion\": 1 }"));
+        assert!(!looks_like_manifest(
+            br#"{"architecture":"amd64","rootfs":{}}"#
+        ));
+        assert!(!looks_like_manifest(&[0x1f, 0x8b, 8, 0]));
+        assert!(!looks_like_manifest(b"[2]"));
+    }
 
     #[test]
     fn accept_parsing() {

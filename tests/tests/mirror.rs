@@ -90,6 +90,45 @@ async fn pull_through_agent_matches_every_digest_and_second_pull_is_local() -> R
             "served from cache {cached} < image size {}",
             image.total_size
         );
+        // Each layer missed once (first pull) and hit once (second); nothing is in flight.
+        let layers = image.layers.len() as f64;
+        let hits = agent
+            .metric("shoal_agent_cache_hits_total{kind=\"blob\"}")
+            .await?;
+        let misses = agent
+            .metric("shoal_agent_cache_misses_total{kind=\"blob\"}")
+            .await?;
+        ensure!(
+            hits >= layers && misses >= layers,
+            "blob hits {hits}, misses {misses} for {layers} layers pulled twice"
+        );
+        ensure!(agent.metric("shoal_agent_downloads_in_flight").await? == 0.0);
+
+        // A cached blob's answer carries its digest, length and a binary content type.
+        let layer = &image.layers[0];
+        let url = format!("{}/v2/shoal/app/blobs/{}", agent.url(), layer.digest);
+        let r = get_streamed(&url, &[], Duration::from_secs(10)).await?;
+        let header = |name: &str| r.headers.get(name).and_then(|v| v.to_str().ok());
+        ensure!(r.status == 200 && r.end == End::Complete);
+        ensure!(header("docker-content-digest") == Some(layer.digest.as_str()));
+        ensure!(header("content-length") == Some(layer.size.to_string().as_str()));
+        ensure!(
+            header("content-type") == Some("application/octet-stream"),
+            "blob content-type {:?}",
+            header("content-type")
+        );
+        // A layer (or config) in the store is not a manifest: asked for as one, the question
+        // goes upstream, whose error comes back (Distribution 2.8 answers 500 UNKNOWN, passed
+        // on as 502), not the layer's bytes.
+        let url = format!("{}/v2/shoal/app/manifests/{}", agent.url(), layer.digest);
+        let r = get_streamed(&url, &[], Duration::from_secs(10)).await?;
+        ensure!(
+            matches!(r.status.as_u16(), 404 | 502),
+            "a layer asked for as a manifest: {}",
+            r.status
+        );
+        let body: ErrorBody = serde_json::from_slice(&r.body)?;
+        ensure!(!body.errors.is_empty());
         agent.stop().await
     })
     .await
