@@ -7,10 +7,14 @@
 //!   SHA-256 of user and password (the salt is random per process; the plaintext is never
 //!   stored), so bcrypt does not run on every request of a `docker pull`.
 //! - Failures are counted per client address (IPv6 by /64, since one host usually owns the
-//!   whole prefix) in a fixed window. After [`AuthConfig::max_failures`] failures, every
-//!   attempt from that address, right or wrong, is refused with a retry-after until the window
-//!   ends, and no hash runs for it. Refusing right passwords too matters: otherwise a cached
-//!   password would be confirmed to a blocked guesser at no cost.
+//!   whole prefix) and user name, in a fixed window. After [`AuthConfig::max_failures`]
+//!   failures, every attempt for that user from that address, right or wrong, is refused with
+//!   a retry-after until the window ends, and no hash runs for it. Refusing right passwords too
+//!   matters: otherwise a cached password would be confirmed to a blocked guesser at no cost.
+//!   Keying by user as well keeps one misconfigured client behind a NAT from locking out every
+//!   other user behind the same address; guessing across many user names is caught by a
+//!   per-address bound of [`ADDRESS_FAILURE_FACTOR`] times as many failures, which then refuses
+//!   the whole address.
 //! - [`Authenticator::reload`] swaps the file atomically; a file that fails to load leaves the
 //!   previous one in place.
 //!
@@ -39,6 +43,10 @@ pub const DEFAULT_BCRYPT_COST: u32 = 10;
 /// Longest `Authorization` header value accepted.
 pub const MAX_AUTHORIZATION_BYTES: usize = 4096;
 
+/// Failures one address may have in a window, over all user names, as a multiple of
+/// [`AuthConfig::max_failures`] (the bound for one user name from one address).
+pub const ADDRESS_FAILURE_FACTOR: u32 = 5;
+
 /// Tuning of caching and rate limiting.
 #[derive(Clone, Debug)]
 pub struct AuthConfig {
@@ -46,7 +54,9 @@ pub struct AuthConfig {
     pub cache_ttl: Duration,
     /// Bound on remembered verifications; the cache is emptied when it is full.
     pub cache_max_entries: usize,
-    /// Failures one client address may have in one window before it is refused.
+    /// Failures for one user name from one client address in one window before that user is
+    /// refused from there; the address as a whole is refused after
+    /// [`ADDRESS_FAILURE_FACTOR`] times as many.
     pub max_failures: u32,
     /// Length of the failure-counting window.
     pub failure_window: Duration,
@@ -222,6 +232,14 @@ impl ClientKey {
     }
 }
 
+/// What the rate limiter counts: an address, or one user name from an address (by a salted
+/// hash: fixed size, and no user names kept).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct LimitKey {
+    client: ClientKey,
+    user: Option<[u8; 16]>,
+}
+
 struct Window {
     start: Instant,
     failures: u32,
@@ -232,7 +250,7 @@ pub struct Authenticator {
     config: AuthConfig,
     current: RwLock<Arc<Snapshot>>,
     cache: Mutex<HashMap<[u8; 32], CacheEntry>>,
-    limiter: Mutex<HashMap<ClientKey, Window>>,
+    limiter: Mutex<HashMap<LimitKey, Window>>,
     /// Per-process random salt of cache keys.
     salt: [u8; 32],
     counters: Counters,
@@ -357,7 +375,7 @@ impl Authenticator {
         now: Instant,
     ) -> Result<(), AuthFailure> {
         let key = self.cache_key(user, password);
-        match self.fast_path(client, &key, now) {
+        match self.fast_path(client, user, &key, now) {
             Some(result) => result,
             None => self.slow_path(client, user, password, key, now),
         }
@@ -372,7 +390,7 @@ impl Authenticator {
     ) -> Result<(), AuthFailure> {
         let now = Instant::now();
         let key = self.cache_key(&credentials.user, credentials.password.as_bytes());
-        if let Some(result) = self.fast_path(client, &key, now) {
+        if let Some(result) = self.fast_path(client, &credentials.user, &key, now) {
             return result;
         }
         let this = Arc::clone(self);
@@ -419,10 +437,11 @@ impl Authenticator {
     fn fast_path(
         &self,
         client: IpAddr,
+        user: &str,
         key: &[u8; 32],
         now: Instant,
     ) -> Option<Result<(), AuthFailure>> {
-        if let Some(retry_after) = self.limited(ClientKey::of(client), now) {
+        if let Some(retry_after) = self.limited(self.limit_keys(client, user), now) {
             self.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
             return Some(Err(AuthFailure::RateLimited { retry_after }));
         }
@@ -467,7 +486,9 @@ impl Authenticator {
             self.counters.successes.fetch_add(1, Ordering::Relaxed);
             Ok(())
         } else {
-            self.record_failure(ClientKey::of(client), now);
+            for k in self.limit_keys(client, user) {
+                self.record_failure(k, now);
+            }
             self.counters.failures.fetch_add(1, Ordering::Relaxed);
             Err(AuthFailure::BadCredentials)
         }
@@ -490,15 +511,46 @@ impl Authenticator {
         );
     }
 
-    /// `Some(retry_after)` if `client` has used up its failures in the current window.
-    fn limited(&self, client: ClientKey, now: Instant) -> Option<Duration> {
-        let limiter = lock(&self.limiter);
-        let window = limiter.get(&client)?;
-        let end = window.start + self.config.failure_window;
-        (now < end && window.failures >= self.config.max_failures).then(|| end - now)
+    /// The address's key and the (address, user) key.
+    fn limit_keys(&self, client: IpAddr, user: &str) -> [LimitKey; 2] {
+        let client = ClientKey::of(client);
+        let mut h = Sha256::new();
+        h.update(self.salt);
+        h.update(b"rate-limit user\0");
+        h.update(user.as_bytes());
+        let digest: [u8; 32] = h.finalize().into();
+        let mut user = [0; 16];
+        user.copy_from_slice(&digest[..16]);
+        [
+            LimitKey { client, user: None },
+            LimitKey {
+                client,
+                user: Some(user),
+            },
+        ]
     }
 
-    fn record_failure(&self, client: ClientKey, now: Instant) {
+    /// `Some(retry_after)` if the address, or the user from that address, has used up its
+    /// failures in the current window.
+    fn limited(&self, keys: [LimitKey; 2], now: Instant) -> Option<Duration> {
+        let limiter = lock(&self.limiter);
+        keys.iter()
+            .filter_map(|k| {
+                let window = limiter.get(k)?;
+                let bound = match k.user {
+                    Some(_) => self.config.max_failures,
+                    None => self
+                        .config
+                        .max_failures
+                        .saturating_mul(ADDRESS_FAILURE_FACTOR),
+                };
+                let end = window.start + self.config.failure_window;
+                (now < end && window.failures >= bound).then(|| end - now)
+            })
+            .max()
+    }
+
+    fn record_failure(&self, client: LimitKey, now: Instant) {
         let period = self.config.failure_window;
         let mut limiter = lock(&self.limiter);
         if !limiter.contains_key(&client) && limiter.len() >= self.config.max_tracked_clients {

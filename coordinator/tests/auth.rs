@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use common::{ALICE, BOB, CAROL};
 use shoal_coordinator::access::{AccessRules, Action};
 use shoal_coordinator::auth::{
-    AuthConfig, AuthFailure, Authenticator, BasicAuthError, BasicCredentials, Password,
-    parse_basic_authorization,
+    ADDRESS_FAILURE_FACTOR, AuthConfig, AuthFailure, Authenticator, BasicAuthError,
+    BasicCredentials, Password, parse_basic_authorization,
 };
 use shoal_coordinator::htpasswd::{Htpasswd, PasswordHash, Scheme};
 use shoal_proto::reference::RepoName;
@@ -150,6 +150,8 @@ fn rate_limit_kicks_in_and_recovers() {
         auth.verify(ip("203.0.113.8"), "bob", b"md5pass", t0),
         Ok(())
     );
+    // Other users behind the same address (a NAT) are unaffected too.
+    assert_eq!(auth.verify(attacker, "alice", b"s3cret", t0), Ok(()));
     assert!(matches!(
         auth.verify(ip("::ffff:203.0.113.7"), "bob", b"md5pass", t0),
         Err(AuthFailure::RateLimited { .. })
@@ -158,6 +160,35 @@ fn rate_limit_kicks_in_and_recovers() {
     // The window ends: back to normal.
     assert_eq!(
         auth.verify(attacker, "bob", b"md5pass", t0 + Duration::from_secs(10)),
+        Ok(())
+    );
+}
+
+#[test]
+fn guessing_across_user_names_limits_the_whole_address() {
+    let config = AuthConfig {
+        max_failures: 2,
+        ..AuthConfig::default()
+    };
+    let auth = authenticator(testbed(), config);
+    let sprayer = ip("198.51.100.9");
+    let t0 = Instant::now();
+    let bound = 2 * ADDRESS_FAILURE_FACTOR;
+    // One failure per made-up user name: no single user reaches its bound...
+    for i in 0..bound {
+        assert_eq!(
+            auth.verify(sprayer, &format!("user{i}"), b"guess", t0),
+            Err(AuthFailure::BadCredentials),
+            "attempt {i}"
+        );
+    }
+    // ...but the address did: even a right password of a real user is refused from it.
+    assert!(matches!(
+        auth.verify(sprayer, "alice", b"s3cret", t0),
+        Err(AuthFailure::RateLimited { .. })
+    ));
+    assert_eq!(
+        auth.verify(ip("198.51.100.10"), "alice", b"s3cret", t0),
         Ok(())
     );
 }
