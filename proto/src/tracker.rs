@@ -576,8 +576,20 @@ impl Tracker {
     }
 
     /// An anchored manifest from an agent that held the blob's origin slot (and so read it
-    /// from the origin and checked its digest). Refused from anyone else, or when it
+    /// from the origin and checked its digest), or from an agent holding the whole blob while
+    /// nothing about its pieces is known here (see below). Refused from anyone else, or when it
     /// contradicts the provisional hashes or a manifest already known.
+    ///
+    /// Agents keep the manifests of the blobs they hold and publish them again when a blob
+    /// moves to another coordinator (its owner failed, or this one restarted): without one, a
+    /// complete copy cannot be checked, so every downloader here would be sent to the origin
+    /// again. Such a manifest is accepted on the terms of a first slot request (which any
+    /// member may make, and whose holder publishes the hashes everyone then checks against):
+    /// only while this tracker knows neither a manifest nor a provisional hash of the blob. A
+    /// liar gains no more than by asking for the slot first; the whole-blob digest check at
+    /// commit still catches a wrong manifest, and the agents that hit it read the origin
+    /// directly next time. Once adopted, the origin is not needed any more: the slot holders
+    /// (who have published nothing) lose their slots, and the downloaders here get the hashes.
     pub fn handle_publish_manifest(
         &mut self,
         node: &NodeId,
@@ -603,7 +615,9 @@ impl Tracker {
                 digest,
             });
         };
-        if !b.publishers.contains(node) {
+        let adopted = !b.publishers.contains(node);
+        if adopted && (b.provisional.is_some() || !b.holders.get(node).is_some_and(|h| h.complete))
+        {
             return Err(TrackerError::NotSeeder {
                 node: node.clone(),
                 digest,
@@ -620,8 +634,38 @@ impl Tracker {
                 return Err(conflict());
             }
         }
-        self.insert_manifest(manifest);
+        self.insert_manifest(manifest.clone());
+        if adopted {
+            self.adopt_manifest(node, &manifest, now);
+        }
         Ok(())
+    }
+
+    /// A manifest republished by a holder (see [`Tracker::handle_publish_manifest`]): the
+    /// downloaders of the blob get its hashes, and the origin slots end.
+    fn adopt_manifest(&mut self, holder: &NodeId, manifest: &PieceManifest, now: Time) {
+        let digest = manifest.digest();
+        let Some(b) = self.blobs.get(digest) else {
+            return;
+        };
+        let update = PieceHashes {
+            digest: digest.clone(),
+            size: manifest.size(),
+            piece_len: manifest.piece_len(),
+            entries: (0u32..).zip(manifest.hashes().iter().copied()).collect(),
+        };
+        for n in b.interested.iter().filter(|n| *n != holder) {
+            self.out
+                .push_back((n.clone(), CoordMsg::Hashes(update.clone())));
+        }
+        let seeders: Vec<NodeId> = b.seeders.iter().map(|s| s.node.clone()).collect();
+        // The manifest is known by now, so `revoke` hands the slots to nobody.
+        for s in seeders {
+            self.revoke(digest, &s, now);
+        }
+        if let Some(b) = self.blobs.get_mut(digest) {
+            b.waiting.clear();
+        }
     }
 
     /// Stores a manifest the coordinator computed itself (it read the whole blob from the
@@ -1332,6 +1376,97 @@ mod tests {
             .unwrap();
         assert_eq!(r.manifest, Some(right));
         assert_eq!(r.hashes, None);
+    }
+
+    #[test]
+    fn a_holder_republishes_its_manifest_where_nothing_is_known() {
+        // The blob's coordinator failed; this one knows only that `h` holds it whole. `s` was
+        // granted the slot and has read nothing yet, `w` waits in line.
+        let mut tr = Tracker::new(TrackerConfig::default());
+        for n in ["h", "s", "w"] {
+            hello(&mut tr, n, "", t(0));
+        }
+        assert!(
+            tr.handle_locate(&id("s"), 0, &digest(), true, t(0))
+                .unwrap()
+                .origin
+        );
+        assert!(
+            !tr.handle_locate(&id("w"), 0, &digest(), true, t(0))
+                .unwrap()
+                .origin
+        );
+        let manifest = PieceManifest::new(
+            digest(),
+            2 * MIN_PIECE_LEN,
+            MIN_PIECE_LEN,
+            vec![[5; 32], [6; 32]],
+        )
+        .unwrap();
+        // Only from a node holding the whole blob.
+        assert!(matches!(
+            tr.handle_publish_manifest(&id("w"), manifest.clone(), t(1)),
+            Err(TrackerError::NotSeeder { .. })
+        ));
+        let complete = Announce {
+            complete: vec![digest()],
+            partial: vec![],
+        };
+        tr.handle_announce(&id("h"), &complete, t(1)).unwrap();
+        drain(&mut tr);
+        tr.handle_publish_manifest(&id("h"), manifest.clone(), t(2))
+            .unwrap();
+        let sent = drain(&mut tr);
+        let hashes = CoordMsg::Hashes(PieceHashes {
+            digest: digest(),
+            size: 2 * MIN_PIECE_LEN,
+            piece_len: MIN_PIECE_LEN,
+            entries: vec![(0, [5; 32]), (1, [6; 32])],
+        });
+        assert!(sent.contains(&(id("w"), hashes.clone())), "{sent:?}");
+        assert!(sent.contains(&(id("s"), hashes)), "{sent:?}");
+        // The origin is not needed any more: the slot ends and nobody else gets it.
+        assert!(
+            sent.iter()
+                .any(|(n, m)| *n == id("s")
+                    && matches!(m, CoordMsg::OriginSlot { granted: false, .. })),
+            "{sent:?}"
+        );
+        assert!(
+            !sent
+                .iter()
+                .any(|(_, m)| matches!(m, CoordMsg::OriginSlot { granted: true, .. })),
+            "{sent:?}"
+        );
+        assert!(tr.seeders(&digest()).is_empty());
+        let r = tr
+            .handle_locate(&id("w"), 0, &digest(), true, t(3))
+            .unwrap();
+        assert!(!r.origin);
+        assert_eq!(r.manifest, Some(manifest.clone()));
+        assert!(r.peers.iter().any(|p| p.node == id("h")));
+
+        // Where a slot holder already published hashes, a holder's manifest is not taken: the
+        // slot holder's reading is the source.
+        let mut tr = Tracker::new(TrackerConfig::default());
+        for n in ["h", "s"] {
+            hello(&mut tr, n, "", t(0));
+        }
+        tr.handle_locate(&id("s"), 0, &digest(), true, t(0))
+            .unwrap();
+        let first = PieceHashes {
+            digest: digest(),
+            size: 2 * MIN_PIECE_LEN,
+            piece_len: MIN_PIECE_LEN,
+            entries: vec![(0, [5; 32])],
+        };
+        tr.handle_publish_hashes(&id("s"), &first, t(1)).unwrap();
+        tr.handle_announce(&id("h"), &complete, t(1)).unwrap();
+        assert!(matches!(
+            tr.handle_publish_manifest(&id("h"), manifest, t(2)),
+            Err(TrackerError::NotSeeder { .. })
+        ));
+        assert_eq!(tr.seeders(&digest()), vec![id("s")]);
     }
 
     #[test]
