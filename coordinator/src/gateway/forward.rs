@@ -10,6 +10,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
+use shoal_proto::RegistryHost;
 use url::Url;
 
 use super::ApiError;
@@ -502,12 +504,49 @@ pub struct PublicBase {
     /// The authority the client used, which registries also build URLs from (through
     /// `X-Forwarded-Host`).
     pub client_authority: Option<String>,
+    /// The `?ns=` the request chose its pool with. `ns` is not forwarded, so the replica's
+    /// `Location` lacks it; it is put back, or the upload's next PATCH or PUT would reach the
+    /// default pool, where the session does not exist.
+    pub ns: Option<RegistryHost>,
+}
+
+/// What stays unencoded of an `ns` value in a query: host names, ports and the colons of
+/// IPv6 literals; brackets are encoded (not allowed in a query), and decoded again by the
+/// gateway's `ns` parser.
+const NS_VALUE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'.')
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b':');
+
+/// Adds `ns=<host>` to the query of `url` unless it already names one.
+fn with_ns(url: String, ns: Option<&RegistryHost>) -> String {
+    let Some(ns) = ns else { return url };
+    let (head, fragment) = url.split_at(url.find('#').unwrap_or(url.len()));
+    let sep = match head.split_once('?') {
+        Some((_, q)) if q.split('&').any(|p| p.split('=').next() == Some("ns")) => None,
+        None => Some("?"),
+        Some((_, "")) => Some(""),
+        Some(_) => Some("&"),
+    };
+    match sep {
+        None => url,
+        Some(sep) => format!(
+            "{head}{sep}ns={}{fragment}",
+            utf8_percent_encode(ns.as_str(), NS_VALUE)
+        ),
+    }
 }
 
 /// Rewrites a `Location` from replica `replica` for the client: absolute URLs on the replica
-/// (or on the forwarded host, which registries build URLs from) move to the public base;
-/// relative ones are made absolute on it; anything else (object storage) is left alone.
+/// (or on the forwarded host, which registries build URLs from) move to the public base, with
+/// the request's `ns` added back; relative ones are made absolute on it; anything else (object
+/// storage) is left alone.
 pub fn rewrite_location(value: &str, replica: &Url, public: &PublicBase) -> Option<String> {
+    on_public_base(value, replica, public).map(|url| with_ns(url, public.ns.as_ref()))
+}
+
+fn on_public_base(value: &str, replica: &Url, public: &PublicBase) -> Option<String> {
     if value.starts_with('/') && !value.starts_with("//") {
         return Some(format!("{}{value}", public.base));
     }
@@ -565,6 +604,7 @@ mod tests {
         PublicBase {
             base: "https://registry.example".into(),
             client_authority: Some("registry.example".into()),
+            ns: None,
         }
     }
 
@@ -592,6 +632,62 @@ mod tests {
         assert_eq!(
             rewrite_location("//evil.example/x", &replica, &public()),
             None
+        );
+    }
+
+    #[test]
+    fn locations_keep_the_pool_chosen_by_ns() {
+        let replica = Url::parse("http://10.0.0.1:5000").unwrap();
+        let with = |ns: &str| PublicBase {
+            ns: Some(RegistryHost::parse(ns).unwrap()),
+            ..public()
+        };
+        let b = with("b.example");
+        let up = "http://10.0.0.1:5000/v2/a/blobs/uploads/u-1?_state=xyz";
+        assert_eq!(
+            rewrite_location(up, &replica, &b).unwrap(),
+            "https://registry.example/v2/a/blobs/uploads/u-1?_state=xyz&ns=b.example"
+        );
+        assert_eq!(
+            rewrite_location("/v2/a/blobs/uploads/u-3", &replica, &b).unwrap(),
+            "https://registry.example/v2/a/blobs/uploads/u-3?ns=b.example"
+        );
+        assert_eq!(
+            rewrite_location("/v2/a/blobs/uploads/u-4?", &replica, &b).unwrap(),
+            "https://registry.example/v2/a/blobs/uploads/u-4?ns=b.example"
+        );
+        // A port keeps its colon; IPv6 brackets are encoded, which the ns parser decodes.
+        assert_eq!(
+            rewrite_location("/v2/x", &replica, &with("registry.local:5000")).unwrap(),
+            "https://registry.example/v2/x?ns=registry.local:5000"
+        );
+        let v6 = rewrite_location("/v2/x", &replica, &with("[::1]:5000")).unwrap();
+        assert_eq!(v6, "https://registry.example/v2/x?ns=%5B::1%5D:5000");
+        let (ns, _) = super::super::split_ns(v6.split_once('?').map(|(_, q)| q)).unwrap();
+        assert_eq!(ns.unwrap().as_str(), "[::1]:5000");
+        // Never twice, and never onto object storage.
+        assert_eq!(
+            rewrite_location("/v2/x?ns=b.example", &replica, &b).unwrap(),
+            "https://registry.example/v2/x?ns=b.example"
+        );
+        let s3 = "https://bucket.s3.example/blobs/x?X-Amz-Signature=abc";
+        assert_eq!(rewrite_location(s3, &replica, &b), None);
+        // The response to the client carries it.
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::LOCATION,
+            HeaderValue::from_static("/v2/a/blobs/uploads/u-5?_state=s"),
+        );
+        let resp = respond(
+            StatusCode::ACCEPTED,
+            &h,
+            client::empty(),
+            Some(&replica),
+            Some(&b),
+        );
+        assert_eq!(
+            resp.headers()[header::LOCATION],
+            "https://registry.example/v2/a/blobs/uploads/u-5?_state=s&ns=b.example"
         );
     }
 

@@ -11,7 +11,8 @@
 //!    is malformed from the start (a bad chunk size) is refused without reaching a replica;
 //! 7. forwarding ([`forward`]): coalesced for GETs and HEADs of a blob or manifest digest
 //!    ([`coalesce`]), pinned to the session's replica for uploads ([`uploads`]), balanced and
-//!    retried otherwise; the response's `Location` is rewritten to the coordinator;
+//!    retried otherwise; the response's `Location` is rewritten to the coordinator (with the
+//!    request's `ns`, so an upload's next request reaches the same pool);
 //! 8. every response gets `Docker-Distribution-Api-Version: registry/2.0`, an access log line
 //!    and metrics when its body ends.
 
@@ -536,10 +537,12 @@ impl Gateway {
             (Some(url), _) => Some(PublicBase {
                 base: url.as_str().trim_end_matches('/').to_owned(),
                 client_authority: host.clone(),
+                ns: ns.clone(),
             }),
             (None, Some(h)) => Some(PublicBase {
                 base: format!("{scheme}://{h}"),
                 client_authority: Some(h.clone()),
+                ns: ns.clone(),
             }),
             (None, None) => None,
         };
