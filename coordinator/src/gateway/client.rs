@@ -1,5 +1,6 @@
 //! The HTTP client towards upstream replicas (and object storage when redirects are
-//! followed), the body types the gateway moves around, and a no-progress timeout for bodies.
+//! followed), a connect timeout that includes the TLS handshake, the body types the gateway
+//! moves around, and a no-progress timeout for bodies.
 
 use std::path::Path;
 use std::pin::Pin;
@@ -8,11 +9,13 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
+use http::{Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::{HttpConnector, capture_connection};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use rustls::RootCertStore;
 use rustls_pki_types::CertificateDer;
@@ -113,6 +116,62 @@ pub fn build_client(
         .pool_max_idle_per_host(64)
         .http2_adaptive_window(true)
         .build(connector))
+}
+
+/// Why [`request`] got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// No connection was ready within the connect timeout: TCP connect, TLS handshake and
+    /// HTTP handshake together. Nothing was sent, so the request may go elsewhere.
+    #[error("no connection within {0:?} (TCP connect and TLS handshake)")]
+    NotConnected(Duration),
+    #[error(transparent)]
+    Client(#[from] hyper_util::client::legacy::Error),
+}
+
+impl RequestError {
+    /// Whether the request never reached the server.
+    pub fn is_connect(&self) -> bool {
+        match self {
+            RequestError::NotConnected(_) => true,
+            RequestError::Client(e) => e.is_connect(),
+        }
+    }
+}
+
+/// Sends `req` on `client`, giving up when no connection is ready within `connect_timeout`.
+///
+/// The connector's own timeout covers the TCP connect only: a server that accepts and then
+/// never completes the TLS handshake would hold the request forever. A connection taken from
+/// the pool is ready at once; after that the caller's own timeouts apply. (A new connection
+/// abandoned here is dropped with the request, unless the client had already handed it to a
+/// background task because an idle pooled connection won the race: that one ends when the
+/// server closes it.)
+pub async fn request(
+    client: &HttpClient,
+    mut req: Request<Body>,
+    connect_timeout: Duration,
+) -> Result<Response<Incoming>, RequestError> {
+    let mut captured = capture_connection(&mut req);
+    let response = client.request(req);
+    tokio::pin!(response);
+    let connected = async {
+        // `Err` only when the timeout passed; a request that failed before connecting drops
+        // its end of the channel, and then `response` holds the error.
+        tokio::time::timeout(connect_timeout, captured.wait_for_connection_metadata())
+            .await
+            .is_ok()
+    };
+    tokio::select! {
+        biased;
+        r = &mut response => return r.map_err(RequestError::from),
+        ok = connected => {
+            if !ok {
+                return Err(RequestError::NotConnected(connect_timeout));
+            }
+        }
+    }
+    response.await.map_err(RequestError::from)
 }
 
 /// A body that fails when no frame arrives for `idle`: a stalled peer is abandoned (and the

@@ -353,7 +353,7 @@ async fn send(
             tokio::time::sleep(idle).await;
         };
         let resp = tokio::select! {
-            r = pool.client.request(req) => r,
+            r = client::request(&pool.client, req, pool.connect_timeout) => r,
             () = header_wait => return Err(Failure::Timeout(idle)),
         };
         let resp = match resp {
@@ -461,10 +461,13 @@ async fn follow(
             req.headers_mut().insert(header::USER_AGENT, ua.clone());
         }
         tracing::debug!(to = %shown, "following redirect to storage");
-        let resp = tokio::time::timeout(idle, pool.client.request(req))
-            .await
-            .map_err(|_| ApiError::upstream(format!("{shown} sent no response for {idle:?}")))?
-            .map_err(|e| ApiError::upstream(format!("{shown}: {}", error_chain(&e))))?;
+        let resp = tokio::time::timeout(
+            idle,
+            client::request(&pool.client, req, pool.connect_timeout),
+        )
+        .await
+        .map_err(|_| ApiError::upstream(format!("{shown} sent no response for {idle:?}")))?
+        .map_err(|e| ApiError::upstream(format!("{shown}: {}", error_chain(&e))))?;
         let status = resp.status();
         if is_redirect(status) {
             let loc = resp
@@ -689,6 +692,117 @@ mod tests {
             resp.headers()[header::LOCATION],
             "https://registry.example/v2/a/blobs/uploads/u-5?_state=s&ns=b.example"
         );
+    }
+
+    /// Serves `GET` with `200 {}` on 127.0.0.1 until the test ends.
+    async fn tiny_registry() -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(client::full("{}")))
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc),
+                );
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_never_finishes_tls_fails_within_the_connect_timeout() {
+        use crate::config::{HealthConfig, Policy, RegistryConfig, ReplicaConfig};
+        // Bound and never accepted: the kernel completes the TCP handshake from the backlog,
+        // then the ClientHello goes unanswered.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let good = tiny_registry().await;
+        let replica = |url: String| ReplicaConfig {
+            url: Url::parse(&url).unwrap(),
+            weight: 1,
+            down: false,
+        };
+        let connect_timeout = Duration::from_millis(300);
+        let cfg = RegistryConfig {
+            host: RegistryHost::parse("registry.test").unwrap(),
+            policy: Policy::RoundRobin,
+            redirect: RedirectMode::Pass,
+            credentials: None,
+            ca_file: None,
+            insecure_http: true,
+            connect_timeout,
+            health: HealthConfig {
+                interval: Duration::from_secs(60),
+                timeout: Duration::from_secs(1),
+                path: "/v2/".into(),
+                max_fails: 1,
+                fail_timeout: Duration::from_secs(60),
+            },
+            replicas: vec![
+                replica(format!("https://{}", silent.local_addr().unwrap())),
+                replica(format!("http://{good}")),
+            ],
+        };
+        let metrics = Metrics::new();
+        let pool = Pool::new(0, &cfg, Duration::from_secs(5), metrics.clone()).unwrap();
+        let out = Outgoing::new(
+            Method::GET,
+            "/v2/".into(),
+            &HeaderMap::new(),
+            Forwarded {
+                client: "10.1.1.1".parse().unwrap(),
+                proto: "https",
+                host: None,
+            },
+            Scope::none(),
+            AffinityKey::None,
+        );
+        // Round robin sends one of the two requests to the silent replica first.
+        for _ in 0..2 {
+            let started = std::time::Instant::now();
+            let answer = tokio::time::timeout(
+                Duration::from_secs(10),
+                forward(&pool, &out, None, None, Duration::from_secs(60), &metrics),
+            )
+            .await
+            .expect("a stalled TLS handshake holds the request")
+            .unwrap();
+            assert_eq!(answer.status, StatusCode::OK);
+            assert_eq!(answer.replica, 1);
+            assert!(
+                started.elapsed() < connect_timeout * 5,
+                "{:?}",
+                started.elapsed()
+            );
+        }
+        // A failure of the replica: ejected (max_fails = 1).
+        assert!(!pool.balancer.is_available(0, std::time::Instant::now()));
+        assert!(pool.balancer.is_available(1, std::time::Instant::now()));
+    }
+
+    #[tokio::test]
+    async fn the_connect_bound_ends_a_silent_tls_server() {
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let http = client::build_client(None, Duration::from_secs(5), false).unwrap();
+        let req = Request::get(format!("https://{}/v2/", silent.local_addr().unwrap()))
+            .body(client::empty())
+            .unwrap();
+        let started = std::time::Instant::now();
+        let err = tokio::time::timeout(
+            Duration::from_secs(10),
+            client::request(&http, req, Duration::from_millis(200)),
+        )
+        .await
+        .expect("bounded")
+        .unwrap_err();
+        assert!(
+            matches!(err, client::RequestError::NotConnected(_)),
+            "{err}"
+        );
+        assert!(err.is_connect());
+        assert!(started.elapsed() >= Duration::from_millis(200));
     }
 
     #[test]

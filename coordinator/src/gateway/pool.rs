@@ -33,6 +33,8 @@ pub struct Pool {
     pub policy: Policy,
     pub redirect: RedirectMode,
     pub insecure_http: bool,
+    /// Bounds TCP connect and TLS handshake together.
+    pub connect_timeout: Duration,
     pub health: HealthConfig,
     pub replicas: Vec<Replica>,
     pub balancer: Arc<Balancer>,
@@ -94,6 +96,7 @@ impl Pool {
             policy: cfg.policy,
             redirect: cfg.redirect,
             insecure_http: cfg.insecure_http,
+            connect_timeout: cfg.connect_timeout,
             health: cfg.health.clone(),
             replicas,
             balancer,
