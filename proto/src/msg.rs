@@ -43,6 +43,12 @@ pub const MAX_CERT_DER: usize = 16 * 1024;
 /// Most node names in one [`CoordMsg::RefusedNodes`] (2048 names of at most 253 bytes stay
 /// well under the control frame bound).
 pub const MAX_REFUSED_NODES: usize = 2048;
+/// Most certificate serials in one [`CoordMsg::RefusedSerials`] (4096 serials of at most
+/// [`MAX_SERIAL_HEX`] characters stay well under the control frame bound; tested).
+pub const MAX_REFUSED_SERIALS: usize = 4096;
+/// Longest certificate serial, in hex digits (32 bytes: RFC 5280 allows 20, the revocation
+/// file accepts up to 32).
+pub const MAX_SERIAL_HEX: usize = 64;
 /// Longest reason in [`CoordMsg::Refused`] and [`CoordMsg::RenewRefused`].
 pub const MAX_REASON: usize = 1024;
 
@@ -79,6 +85,8 @@ pub enum NameError {
     NodeId,
     #[error("zone label must be at most {MAX_ZONE} characters of [A-Za-z0-9._-] and '/'")]
     Zone,
+    #[error("certificate serial must be 1 to {MAX_SERIAL_HEX} lower-case hex digits")]
+    Serial,
 }
 
 /// A node's name: what its certificate is bound to and how peers and the tracker call it.
@@ -154,6 +162,41 @@ impl fmt::Debug for Zone {
     }
 }
 
+/// A certificate serial number as the cluster writes it: lower-case hex without leading zero
+/// bytes (what `serial_hex` in the agent's cluster TLS gives), 1 to [`MAX_SERIAL_HEX`] digits.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Serial(Arc<str>);
+
+impl Serial {
+    pub fn new(s: &str) -> Result<Serial, NameError> {
+        let ok = !s.is_empty()
+            && s.len() <= MAX_SERIAL_HEX
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if ok {
+            Ok(Serial(s.into()))
+        } else {
+            Err(NameError::Serial)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Serial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Serial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Serial({})", self.0)
+    }
+}
+
 macro_rules! string_serde {
     ($t:ident) => {
         impl Serialize for $t {
@@ -171,6 +214,7 @@ macro_rules! string_serde {
 }
 string_serde!(NodeId);
 string_serde!(Zone);
+string_serde!(Serial);
 
 // ---------------------------------------------------------------------------------------------
 // Bytes
@@ -432,6 +476,12 @@ pub enum CoordMsg {
     RefusedNodes {
         nodes: Vec<NodeId>,
     },
+    /// Certificates (by serial) whose connections agents must refuse, whatever node they name:
+    /// revoked by serial. The whole list each time, sent with `RefusedNodes` after `Welcome`
+    /// and whenever it changes.
+    RefusedSerials {
+        serials: Vec<Serial>,
+    },
 }
 
 /// Why a peer does not serve a request.
@@ -575,6 +625,9 @@ impl Message for CoordMsg {
             }
             CoordMsg::RefusedNodes { nodes } => {
                 at_most("refused nodes", nodes.len(), MAX_REFUSED_NODES)
+            }
+            CoordMsg::RefusedSerials { serials } => {
+                at_most("refused serials", serials.len(), MAX_REFUSED_SERIALS)
             }
             CoordMsg::Welcome { .. }
             | CoordMsg::OriginSlot { .. }
@@ -756,6 +809,25 @@ mod tests {
             nodes: vec![longest; MAX_REFUSED_NODES],
         };
         assert!(crate::wire::encode(&big).is_ok());
+        let serials = |n: usize| CoordMsg::RefusedSerials {
+            serials: vec![Serial::new(&"f".repeat(MAX_SERIAL_HEX)).unwrap(); n],
+        };
+        assert_eq!(serials(MAX_REFUSED_SERIALS).validate(), Ok(()));
+        assert!(serials(MAX_REFUSED_SERIALS + 1).validate().is_err());
+        assert!(crate::wire::encode(&serials(MAX_REFUSED_SERIALS)).is_ok());
+        // The decoder refuses a list over the bound (encoded here by hand: `encode` would not).
+        let payload = postcard::to_allocvec(&serials(MAX_REFUSED_SERIALS + 1)).unwrap();
+        let mut frame = vec![crate::wire::VERSION, Kind::CoordinatorToAgent as u8];
+        frame.extend((payload.len() as u32).to_be_bytes());
+        frame.extend(payload);
+        assert!(matches!(
+            crate::wire::decode_one::<CoordMsg>(&frame),
+            Err(crate::wire::WireError::Invalid(_))
+        ));
+        for bad in ["", "AB", "0x1", "g", &"a".repeat(MAX_SERIAL_HEX + 1)] {
+            assert_eq!(Serial::new(bad), Err(NameError::Serial), "{bad:?}");
+        }
+        assert!(serde_json::from_str::<Serial>("\"AB\"").is_err());
         assert!(CsrDer::new(vec![0; MAX_CSR_DER + 1]).is_none());
         let req = PeerMsg::Request {
             digest: digest(),

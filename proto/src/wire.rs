@@ -382,7 +382,7 @@ pub mod samples {
     use crate::manifest::PieceManifest;
     use crate::msg::{
         AgentMsg, Announce, CertDer, CoordMsg, CsrDer, Hello, LocateReply, NodeId, Partial,
-        PeerInfo, PeerMsg, PieceData, PieceHashes, RejectReason, Zone,
+        PeerInfo, PeerMsg, PieceData, PieceHashes, RejectReason, Serial, Zone,
     };
     use crate::piece::{Bitmap, MIN_PIECE_LEN};
 
@@ -511,6 +511,9 @@ pub mod samples {
             CoordMsg::RefusedNodes {
                 nodes: vec![NodeId::new("x").unwrap(), NodeId::new("y").unwrap()],
             },
+            CoordMsg::RefusedSerials {
+                serials: vec![Serial::new("0a1b").unwrap(), Serial::new("ff").unwrap()],
+            },
         ]
     }
 
@@ -629,7 +632,7 @@ mod tests {
         let frames = samples::frames();
         for (kinds, variants) in [
             (&[Kind::AgentToCoordinator][..], 12),
-            (&[Kind::CoordinatorToAgent][..], 9),
+            (&[Kind::CoordinatorToAgent][..], 10),
             (&[Kind::Peer, Kind::PieceData][..], 6),
         ] {
             let seen: std::collections::BTreeSet<u8> = frames

@@ -18,14 +18,18 @@ use shoal_proto::msg::{
 };
 use shoal_proto::wire::{self, Decoder};
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::config::ClusterConfig;
 use super::identity::{self, Loaded};
-use super::{ClusterError, Inner, Session};
+use super::{ClusterError, Inner, Session, tls};
 
 /// How long a renewal waits for the coordinator's answer.
 const RENEW_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a control session replaced after a renewal is still read (for answers to requests
+/// sent on it before the switch).
+const HANDOVER_DRAIN: Duration = Duration::from_secs(5);
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 
@@ -82,6 +86,7 @@ pub(super) async fn run_link(
     let timers = inner.cfg.timers.clone();
     let name = inner.links[idx].addr.name.clone();
     let mut delay = timers.reconnect_min;
+    let mut retiring: Option<Retiring> = None;
     loop {
         if inner.cancel.is_cancelled() {
             break;
@@ -98,13 +103,19 @@ pub(super) async fn run_link(
             }
             continue;
         }
-        let result = session(&inner, &endpoint, idx, &mut first).await;
+        let result = session(&inner, &endpoint, idx, &mut first, retiring.take()).await;
         if let Some(f) = first.take() {
             let _ = f.send(());
         }
         match result {
-            Ok(true) => delay = timers.reconnect_min,
-            Ok(false) => {}
+            // A new session takes over at once; the old one stays up meanwhile.
+            Ok(Ended::Renewed(old)) => {
+                retiring = Some(old);
+                delay = timers.reconnect_min;
+                continue;
+            }
+            Ok(Ended::Down) => delay = timers.reconnect_min,
+            Ok(Ended::NotUp) => {}
             Err(e) => debug!(coordinator = %name, error = %e, "control connection attempt failed"),
         }
         tokio::select! {
@@ -112,6 +123,9 @@ pub(super) async fn run_link(
             () = inner.cancel.cancelled() => break,
         }
         delay = (delay * 2).min(timers.reconnect_max);
+    }
+    if let Some(old) = retiring {
+        old.abandon(&inner, idx);
     }
     endpoint.wait_idle().await;
 }
@@ -142,18 +156,89 @@ async fn read_msg(
     }
 }
 
-/// One session. `Ok(true)`: it was up and ended; `Ok(false)`: shutdown before it came up;
-/// `Err`: it never came up.
+/// How a session ended.
+enum Ended {
+    /// Shutdown before it came up.
+    NotUp,
+    /// It was up and went down.
+    Down,
+    /// It was up when this node's certificate was renewed: a new session (a new handshake,
+    /// with the new certificate) is to take over from this one, which stays registered on its
+    /// link meanwhile so requests keep flowing.
+    Renewed(Retiring),
+}
+
+/// A session being replaced after a renewal: still the link's session until its successor
+/// is up, then drained (answers to requests sent before the switch) and closed.
+struct Retiring {
+    sid: u64,
+    conn: quinn::Connection,
+    recv: quinn::RecvStream,
+    dec: Decoder<CoordMsg>,
+    buf: Vec<u8>,
+    writer: JoinHandle<()>,
+}
+
+impl Retiring {
+    /// No successor came up: the session ends like any other (and the digests it owned move).
+    fn abandon(self, inner: &Inner, idx: usize) {
+        let link = &inner.links[idx];
+        let was_current = {
+            let mut s = link.session();
+            let current = s.as_ref().is_some_and(|s| s.id == self.sid);
+            if current {
+                *s = None;
+            }
+            current
+        };
+        self.writer.abort();
+        self.conn.close(0u32.into(), b"bye");
+        if was_current && !inner.cancel.is_cancelled() {
+            warn!(coordinator = %link.addr.name, "control channel down (no new session after the certificate renewal)");
+            inner.reannounce_all();
+        }
+    }
+
+    /// After the successor took over (and with it the waiters of this session's requests):
+    /// reads what the coordinator still sends here until it ends the stream, then closes.
+    async fn drain(mut self, inner: Arc<Inner>, idx: usize) {
+        let read = async {
+            loop {
+                match read_msg(&mut self.recv, &mut self.dec, &mut self.buf).await {
+                    // The successor has the current lists; an older one must not replace them.
+                    Ok(CoordMsg::RefusedNodes { .. } | CoordMsg::RefusedSerials { .. }) => {}
+                    Ok(CoordMsg::Bye | CoordMsg::Refused { .. }) | Err(_) => break,
+                    Ok(msg) => {
+                        handle(&inner, idx, msg);
+                    }
+                }
+            }
+        };
+        let _ = tokio::time::timeout(HANDOVER_DRAIN, read).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), &mut self.writer).await;
+        self.conn.close(0u32.into(), b"renewed");
+        debug!(coordinator = %inner.links[idx].addr.name, "control session opened with the previous certificate closed");
+    }
+}
+
+/// One session. `Ok(Ended::Down)`: it was up and ended; `Ok(Ended::NotUp)`: shutdown before it
+/// came up; `Ok(Ended::Renewed)`: see [`Ended`]; `Err`: it never came up. With `old`, this
+/// session replaces that one once up (or ends it, if it cannot come up).
 async fn session(
     inner: &Arc<Inner>,
     endpoint: &quinn::Endpoint,
     idx: usize,
     first: &mut Option<oneshot::Sender<()>>,
-) -> Result<bool, String> {
+    mut old: Option<Retiring>,
+) -> Result<Ended, String> {
     let link = &inner.links[idx];
     let name = link.addr.name.clone();
     let timers = &inner.cfg.timers;
     let deadline = tokio::time::Instant::now() + timers.connect_timeout;
+    // The certificate the handshake presents (the slot is read during the handshake; a renewal
+    // in between only costs one more switch).
+    let mut serial_rx = inner.serial.subscribe();
+    let serial = serial_rx.borrow_and_update().clone().unwrap_or_default();
     let setup = async {
         let addr = resolve(&link.addr.ctl_addr).await?;
         let conn = endpoint
@@ -177,9 +262,23 @@ async fn session(
         let welcome = read_msg(&mut recv, &mut dec, &mut buf).await?;
         Ok::<_, String>((conn, send, recv, dec, buf, welcome))
     };
-    let (conn, mut send, mut recv, mut dec, mut buf, welcome) = tokio::select! {
-        r = tokio::time::timeout_at(deadline, setup) => r.map_err(|_| "timed out".to_owned())??,
-        () = inner.cancel.cancelled() => return Ok(false),
+    let setup = tokio::select! {
+        r = tokio::time::timeout_at(deadline, setup) => r.unwrap_or_else(|_| Err("timed out".to_owned())),
+        () = inner.cancel.cancelled() => {
+            if let Some(o) = old.take() {
+                o.abandon(inner, idx);
+            }
+            return Ok(Ended::NotUp);
+        }
+    };
+    let (conn, mut send, mut recv, mut dec, mut buf, welcome) = match setup {
+        Ok(up) => up,
+        Err(e) => {
+            if let Some(o) = old.take() {
+                o.abandon(inner, idx);
+            }
+            return Err(e);
+        }
     };
     let (heartbeat, announce) = match welcome {
         CoordMsg::Welcome {
@@ -190,27 +289,52 @@ async fn session(
             Duration::from_millis(u64::from(heartbeat_ms).max(100)),
             Duration::from_millis(u64::from(announce_ms).max(1000)),
         ),
-        CoordMsg::Refused { reason } => {
-            warn!(coordinator = %name, %reason, "the coordinator refused the control session");
-            conn.close(0u32.into(), b"refused");
-            return Err(format!("refused: {reason}"));
+        other => {
+            if let Some(o) = old.take() {
+                o.abandon(inner, idx);
+            }
+            if let CoordMsg::Refused { reason } = other {
+                warn!(coordinator = %name, %reason, "the coordinator refused the control session");
+                conn.close(0u32.into(), b"refused");
+                return Err(format!("refused: {reason}"));
+            }
+            return Err(format!("expected Welcome, got {other:?}"));
         }
-        other => return Err(format!("expected Welcome, got {other:?}")),
     };
+    // The coordinator's certificate was verified in the handshake; the session ends with it.
+    let coordinator_not_after = tls::peer_cert_info(&conn).map(|i| i.not_after);
 
-    // Up.
+    // Up. A session that replaces one takes over the waiters of its requests: their answers
+    // still arrive on the old stream, which is drained.
     let sid = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::unbounded_channel::<AgentMsg>();
-    *link.session() = Some(Session {
-        id: sid,
-        tx,
-        pending: Default::default(),
-    });
-    info!(coordinator = %name, remote = %conn.remote_address(), "control channel up");
+    {
+        let mut s = link.session();
+        let pending = s.take().map(|prev| prev.pending).unwrap_or_default();
+        *s = Some(Session {
+            id: sid,
+            serial: serial.clone(),
+            tx,
+            pending,
+        });
+    }
+    info!(coordinator = %name, remote = %conn.remote_address(), serial = %serial, "control channel up");
     if let Some(f) = first.take() {
         let _ = f.send(());
     }
-    inner.reannounce_all();
+    match old.take() {
+        None => inner.reannounce_all(),
+        Some(o) => {
+            // Who owns which digest did not change (the link stayed up): only this
+            // coordinator hears the inventory again, in case it did not keep its state.
+            if let Some(part) = inner.inventory_for(idx) {
+                for a in chunk_announce(part) {
+                    link.send(AgentMsg::Announce(a));
+                }
+            }
+            tokio::spawn(o.drain(inner.clone(), idx));
+        }
+    }
     let writer = tokio::spawn(async move {
         while let Some(msg) = rx.recv().await {
             let bye = matches!(msg, AgentMsg::Bye);
@@ -232,12 +356,20 @@ async fn session(
         let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
     });
 
+    let coordinator_expired = async {
+        match coordinator_not_after {
+            Some(t) => tls::expired(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(coordinator_expired);
     let mut hb = tokio::time::interval(heartbeat);
     hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     hb.tick().await;
     let mut ann = tokio::time::interval(announce);
     ann.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ann.tick().await;
+    let mut renewed = false;
     let reason = loop {
         tokio::select! {
             r = read_msg(&mut recv, &mut dec, &mut buf) => match r {
@@ -258,6 +390,16 @@ async fn session(
                     }
                 }
             }
+            r = serial_rx.changed() => {
+                let now = serial_rx.borrow_and_update().clone();
+                if r.is_ok() && now.is_some_and(|s| s != serial) {
+                    renewed = true;
+                    break "renewed".to_owned();
+                }
+            }
+            () = &mut coordinator_expired => {
+                break "the coordinator's certificate expired".to_owned();
+            }
             () = inner.cancel.cancelled() => {
                 link.send(AgentMsg::Bye);
                 break "shutting down".to_owned();
@@ -265,6 +407,19 @@ async fn session(
         }
     };
 
+    if renewed {
+        // The coordinator ends sessions whose certificate expired: move to the new one now,
+        // without a gap (this session stays the link's until the next one is up).
+        debug!(coordinator = %name, "certificate renewed: opening a control session with it");
+        return Ok(Ended::Renewed(Retiring {
+            sid,
+            conn,
+            recv,
+            dec,
+            buf,
+            writer,
+        }));
+    }
     // Down.
     {
         let mut s = link.session();
@@ -280,7 +435,7 @@ async fn session(
         warn!(coordinator = %name, %reason, "control channel down");
         inner.reannounce_all();
     }
-    Ok(true)
+    Ok(Ended::Down)
 }
 
 /// Routes one message; `Some(reason)` ends the session.
@@ -299,7 +454,11 @@ fn handle(inner: &Inner, idx: usize, msg: CoordMsg) -> Option<String> {
         CoordMsg::Hashes(ref h) => inner.dispatch(&h.digest.clone(), msg),
         CoordMsg::RefusedNodes { nodes } => {
             debug!(coordinator = %inner.links[idx].addr.name, count = nodes.len(), "refused nodes updated");
-            inner.refused.set(idx, nodes);
+            inner.refused.set_nodes(idx, nodes);
+        }
+        CoordMsg::RefusedSerials { serials } => {
+            debug!(coordinator = %inner.links[idx].addr.name, count = serials.len(), "refused certificates updated");
+            inner.refused.set_serials(idx, serials);
         }
         CoordMsg::Renewed { .. } | CoordMsg::RenewRefused { .. } => {
             if let Some(tx) = inner

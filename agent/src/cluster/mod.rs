@@ -12,8 +12,10 @@
 //!
 //! Trust: the node's key never leaves it. The first certificate comes from enrollment over
 //! the coordinator's HTTPS front door (bootstrap token, CSR); renewals go over the control
-//! channel at two thirds of the certificate's life. Every cluster channel verifies both sides
-//! against the cluster CA ([`tls`]).
+//! channel at two thirds of the certificate's life, after which every control session is
+//! replaced by one opened with the new certificate (coordinators close sessions whose
+//! certificate expired). Every cluster channel verifies both sides against the cluster CA
+//! ([`tls`]).
 
 pub mod config;
 mod control;
@@ -32,10 +34,10 @@ use std::time::Duration;
 use rustls_pki_types::CertificateDer;
 use shoal_proto::Digest;
 use shoal_proto::enroll::EnrollErrorCode;
-use shoal_proto::msg::{AgentMsg, Announce, CoordMsg, LocateReply, NodeId, Zone};
+use shoal_proto::msg::{AgentMsg, Announce, CoordMsg, LocateReply, NodeId, Serial, Zone};
 use shoal_proto::tracker::coordinator_order;
 use shoal_proto::wire::ALPN_PEER;
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -88,10 +90,27 @@ impl ClusterError {
     }
 }
 
-/// What `is_refused` consults: the union of every coordinator's latest `RefusedNodes` list.
-#[derive(Default)]
+/// What `is_refused` consults: the union of every coordinator's latest `RefusedNodes` and
+/// `RefusedSerials` lists. Every change is signalled on `changes`, so open peer connections
+/// are checked again at once rather than at their next stream.
 struct RefusedSet {
-    per_coordinator: RwLock<Vec<HashSet<NodeId>>>,
+    per_coordinator: RwLock<Vec<Refused>>,
+    changes: watch::Sender<()>,
+}
+
+#[derive(Default)]
+struct Refused {
+    nodes: HashSet<NodeId>,
+    serials: HashSet<Serial>,
+}
+
+impl Default for RefusedSet {
+    fn default() -> Self {
+        RefusedSet {
+            per_coordinator: RwLock::new(Vec::new()),
+            changes: watch::Sender::new(()),
+        }
+    }
 }
 
 impl RefusedSet {
@@ -100,25 +119,58 @@ impl RefusedSet {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .iter()
-            .any(|s| s.contains(node))
+            .any(|s| s.nodes.contains(node))
     }
 
-    fn set(&self, idx: usize, nodes: Vec<NodeId>) {
-        let mut all = self
-            .per_coordinator
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        if all.len() <= idx {
-            all.resize_with(idx + 1, HashSet::new);
+    fn contains_certificate(&self, node: &NodeId, serial: &str) -> bool {
+        // A serial that does not parse cannot be on a list (lists hold parsed serials only).
+        let serial = Serial::new(serial).ok();
+        self.per_coordinator
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .any(|s| {
+                s.nodes.contains(node) || serial.as_ref().is_some_and(|x| s.serials.contains(x))
+            })
+    }
+
+    fn update(&self, idx: usize, f: impl FnOnce(&mut Refused)) {
+        {
+            let mut all = self
+                .per_coordinator
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            if all.len() <= idx {
+                all.resize_with(idx + 1, Refused::default);
+            }
+            f(&mut all[idx]);
         }
-        all[idx] = nodes.into_iter().collect();
+        self.changes.send_replace(());
+    }
+
+    fn set_nodes(&self, idx: usize, nodes: Vec<NodeId>) {
+        self.update(idx, |r| r.nodes = nodes.into_iter().collect());
+    }
+
+    fn set_serials(&self, idx: usize, serials: Vec<Serial>) {
+        self.update(idx, |r| r.serials = serials.into_iter().collect());
     }
 }
 
 impl Refusals for RefusedSet {
-    fn is_refused(&self, node: &NodeId, _serial: &str) -> bool {
-        self.contains(node)
+    fn is_refused(&self, node: &NodeId, serial: &str) -> bool {
+        self.contains_certificate(node, serial)
     }
+}
+
+/// A control session that is up, as [`Cluster::control_sessions`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ControlSession {
+    pub coordinator: NodeId,
+    /// Unique within the process: a new connection has a new id.
+    pub id: u64,
+    /// Serial of the certificate this node presented in the session's handshake.
+    pub serial: String,
 }
 
 type Inventory = Arc<dyn Fn() -> Announce + Send + Sync>;
@@ -126,6 +178,8 @@ type Inventory = Arc<dyn Fn() -> Announce + Send + Sync>;
 /// A live control session with one coordinator.
 struct Session {
     id: u64,
+    /// Serial of the certificate this side presented when the session was opened.
+    serial: String,
     tx: mpsc::UnboundedSender<AgentMsg>,
     pending: HashMap<u32, oneshot::Sender<LocateReply>>,
 }
@@ -160,6 +214,9 @@ pub(crate) struct Inner {
     identity: Mutex<Option<Loaded>>,
     /// Wakes the renewal task when the identity changes (or is needed).
     identity_changed: Notify,
+    /// The serial of the certificate in use: control sessions opened with an older one move
+    /// to the new one (see `control::session`).
+    serial: watch::Sender<Option<String>>,
     refused: Arc<RefusedSet>,
     links: Vec<Link>,
     subs: Mutex<HashMap<Digest, Vec<mpsc::UnboundedSender<CoordMsg>>>>,
@@ -293,6 +350,7 @@ impl Cluster {
             slot,
             identity: Mutex::new(None),
             identity_changed: Notify::new(),
+            serial: watch::Sender::new(None),
             refused,
             subs: Mutex::new(HashMap::new()),
             load: AtomicU32::new(0),
@@ -408,6 +466,19 @@ impl Cluster {
         self.inner.refused.contains(node)
     }
 
+    /// Whether a peer's certificate is refused: its node (as [`is_refused`](Self::is_refused))
+    /// or the certificate itself (its serial revoked). `serial` as
+    /// [`tls::serial_hex`] writes it.
+    pub fn is_refused_certificate(&self, node: &NodeId, serial: &str) -> bool {
+        self.inner.refused.contains_certificate(node, serial)
+    }
+
+    /// Changes whenever a coordinator sends a new refusal list, so that open peer connections
+    /// can be checked again.
+    pub fn refusal_changes(&self) -> watch::Receiver<()> {
+        self.inner.refused.changes.subscribe()
+    }
+
     /// Asks the digest's owner coordinator where to get it; on an unreachable one, the next.
     /// Fails with `Unavailable` within `locate_timeout` when no coordinator answers.
     pub async fn locate(
@@ -464,6 +535,22 @@ impl Cluster {
             .collect()
     }
 
+    /// The control sessions that are up, with the certificate each was opened with (for tests
+    /// and logs).
+    pub fn control_sessions(&self) -> Vec<ControlSession> {
+        self.inner
+            .links
+            .iter()
+            .filter_map(|l| {
+                l.session().as_ref().map(|s| ControlSession {
+                    coordinator: l.addr.name.clone(),
+                    id: s.id,
+                    serial: s.serial.clone(),
+                })
+            })
+            .collect()
+    }
+
     /// The serial and end of validity of the certificate in use (for tests and logs).
     pub fn certificate(&self) -> Option<(String, std::time::SystemTime)> {
         self.inner
@@ -494,6 +581,8 @@ impl Inner {
         }
         self.trust.set_ca(id.ca.clone())?;
         self.slot.set(id.certified.clone());
+        // The serial before the identity: a session that sees the new identity also sees it.
+        self.serial.send_replace(Some(id.info.serial.clone()));
         *self.identity.lock().unwrap_or_else(PoisonError::into_inner) = Some(id);
         self.identity_changed.notify_waiters();
         Ok(())

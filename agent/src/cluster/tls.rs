@@ -84,6 +84,30 @@ impl CertInfo {
     }
 }
 
+/// Resolves once the wall clock has passed `not_after`: when a connection authenticated by a
+/// certificate that ends then must close. Sleeps in steps of at most a minute, so a wall clock
+/// that jumps is noticed within one.
+pub async fn expired(not_after: SystemTime) {
+    loop {
+        match not_after.duration_since(SystemTime::now()) {
+            Ok(left) if !left.is_zero() => {
+                tokio::time::sleep(left.min(Duration::from_secs(60))).await;
+            }
+            _ => return,
+        }
+    }
+}
+
+/// The facts of the certificate a QUIC connection's other side presented (verified during the
+/// handshake by the connection's verifier). `None` before the handshake or without one.
+pub fn peer_cert_info(conn: &quinn::Connection) -> Option<CertInfo> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    cert_info(chain.first()?).ok()
+}
+
 /// Serial bytes as the revocation list writes them: lower-case hex, no leading zero bytes.
 pub fn serial_hex(raw: &[u8]) -> String {
     let start = raw.iter().position(|&b| b != 0).unwrap_or(raw.len());

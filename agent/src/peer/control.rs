@@ -9,6 +9,7 @@ use futures::future::BoxFuture;
 use shoal_proto::Digest;
 use shoal_proto::msg::{AgentMsg, Announce, CoordMsg, LocateReply, NodeId};
 use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::watch;
 
 /// A locate that got no answer: no coordinator reachable (or it refused). The download falls
 /// back to the origin.
@@ -32,6 +33,17 @@ pub trait Control: Send + Sync + 'static {
     fn peer_identity(&self, conn: &quinn::Connection) -> Option<NodeId>;
     /// Whether the cluster refuses this node (revoked or quarantined).
     fn is_refused(&self, node: &NodeId) -> bool;
+    /// Whether the cluster refuses a peer's certificate: its node, or the certificate itself
+    /// (its serial revoked). `serial` as `cluster::tls::serial_hex` writes it.
+    fn is_refused_certificate(&self, node: &NodeId, serial: &str) -> bool {
+        let _ = serial;
+        self.is_refused(node)
+    }
+    /// Changes whenever the refusal lists do, so that open connections are checked again at
+    /// once; `None` when they are checked only as streams arrive.
+    fn refusal_changes(&self) -> Option<watch::Receiver<()>> {
+        None
+    }
     /// Asks the tracker where to get `digest`. Fails fast (a couple of seconds) when no
     /// coordinator answers.
     fn locate(
@@ -68,6 +80,12 @@ impl Control for crate::cluster::Cluster {
     }
     fn is_refused(&self, node: &NodeId) -> bool {
         crate::cluster::Cluster::is_refused(self, node)
+    }
+    fn is_refused_certificate(&self, node: &NodeId, serial: &str) -> bool {
+        crate::cluster::Cluster::is_refused_certificate(self, node, serial)
+    }
+    fn refusal_changes(&self) -> Option<watch::Receiver<()>> {
+        Some(crate::cluster::Cluster::refusal_changes(self))
     }
     fn locate(
         &self,

@@ -66,6 +66,8 @@ pub(crate) mod code {
     /// The cluster refuses the peer.
     pub const REFUSED: VarInt = VarInt::from_u32(3);
     pub const SHUTDOWN: VarInt = VarInt::from_u32(4);
+    /// The peer's certificate expired (it reconnects with its renewed one).
+    pub const EXPIRED: VarInt = VarInt::from_u32(5);
 }
 
 /// Why the peer endpoint cannot start.

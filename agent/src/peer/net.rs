@@ -1,12 +1,21 @@
 //! Connections: accepting peers (identity and refusal checks), connecting to them (one
 //! connection per peer, reused), and dispatching each incoming stream by its first frame.
+//!
+//! A connection lives no longer than the certificate the other side authenticated with: it is
+//! closed when that certificate's `not_after` passes, and as soon as the cluster refuses the
+//! certificate (its node, or its serial), whichever side opened it. A connection opened with a
+//! certificate that was renewed since lasts until that one expires; the next use then opens a
+//! new one (a new handshake, with the renewed certificate).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use shoal_proto::msg::{NodeId, PeerMsg};
-use tracing::{Instrument, debug, info_span, warn};
+use tokio::sync::watch;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::cluster::tls::{self, CertInfo};
 
 use super::frames::{Expect, FrameError, FrameReader};
 use super::{PeerInner, code, lock, serve, session};
@@ -61,25 +70,34 @@ pub(crate) async fn accept_loop(inner: Arc<PeerInner>) {
                             return;
                         }
                     };
-                let Some(node) = inner.control.peer_identity(&conn) else {
+                let (Some(node), Some(cert)) = (
+                    inner.control.peer_identity(&conn),
+                    tls::peer_cert_info(&conn),
+                ) else {
                     warn!("peer connection without a node identity; closed");
                     conn.close(code::IDENTITY, b"no node identity");
                     return;
                 };
-                if inner.control.is_refused(&node) {
-                    warn!(peer = %node, "refused node connected; closed");
+                if inner.control.is_refused_certificate(&node, &cert.serial) {
+                    warn!(peer = %node, serial = %cert.serial, "refused node connected; closed");
                     conn.close(code::REFUSED, b"refused");
                     return;
                 }
                 {
+                    // One connection per peer: the one in use stays, unless this one is
+                    // authenticated by a certificate that lasts longer (the peer renewed and
+                    // connected again), which then serves new requests.
                     let mut conns = lock(&inner.conns);
-                    let usable = conns.get(&node).is_some_and(|c| c.close_reason().is_none());
-                    if !usable {
+                    let keep = conns.get(&node).is_some_and(|c| {
+                        c.close_reason().is_none()
+                            && tls::peer_cert_info(c).is_some_and(|i| i.not_after >= cert.not_after)
+                    });
+                    if !keep {
                         conns.insert(node.clone(), conn.clone());
                     }
                 }
                 debug!(peer = %node, "peer connected");
-                serve_connection(inner, node, conn).await;
+                serve_connection(inner, node, cert, conn).await;
             }
             .instrument(info_span!("peer_conn", peer.addr = %remote)),
         );
@@ -135,16 +153,23 @@ impl PeerInner {
             Ok(Err(e)) => return Err(failed(e.to_string())),
             Err(_) => return Err(failed("handshake timed out".into())),
         };
-        if self.control.peer_identity(&conn).as_ref() != Some(node) {
-            conn.close(code::IDENTITY, b"unexpected identity");
-            return Err(failed("the certificate names another node".into()));
+        let cert = match tls::peer_cert_info(&conn) {
+            Some(cert) if self.control.peer_identity(&conn).as_ref() == Some(node) => cert,
+            _ => {
+                conn.close(code::IDENTITY, b"unexpected identity");
+                return Err(failed("the certificate names another node".into()));
+            }
+        };
+        if self.control.is_refused_certificate(node, &cert.serial) {
+            conn.close(code::REFUSED, b"refused");
+            return Err(ConnectError::Refused(node.clone()));
         }
         lock(&self.conns).insert(node.clone(), conn.clone());
         debug!(peer = %node, %addr, "connected to peer");
         let inner = self.clone();
         let (n, c) = (node.clone(), conn.clone());
         tokio::spawn(
-            async move { serve_connection(inner, n, c).await }
+            async move { serve_connection(inner, n, cert, c).await }
                 // Its own root span: the connection outlives the download that opened it.
                 .instrument(info_span!(parent: None, "peer_conn", peer = %node, peer.addr = %addr)),
         );
@@ -152,11 +177,33 @@ impl PeerInner {
     }
 }
 
-/// Accepts the streams `node` opens on `conn` until the connection ends.
-async fn serve_connection(inner: Arc<PeerInner>, node: NodeId, conn: quinn::Connection) {
+/// Accepts the streams `node` opens on `conn` until the connection ends, which is at the latest
+/// when `cert` (the peer's) expires or is refused.
+async fn serve_connection(
+    inner: Arc<PeerInner>,
+    node: NodeId,
+    cert: CertInfo,
+    conn: quinn::Connection,
+) {
+    let expired = tls::expired(cert.not_after);
+    tokio::pin!(expired);
+    let mut changes = inner.control.refusal_changes();
     loop {
         let stream = tokio::select! {
             s = conn.accept_bi() => s,
+            () = &mut expired => {
+                info!(peer = %node, serial = %cert.serial, "the peer's certificate expired; connection closed");
+                conn.close(code::EXPIRED, b"certificate expired");
+                break;
+            }
+            () = refusals_changed(&mut changes) => {
+                if inner.control.is_refused_certificate(&node, &cert.serial) {
+                    warn!(peer = %node, serial = %cert.serial, "the cluster now refuses this peer; closing");
+                    conn.close(code::REFUSED, b"refused");
+                    break;
+                }
+                continue;
+            }
             () = inner.closing.cancelled() => break,
         };
         let (send, recv) = match stream {
@@ -166,8 +213,8 @@ async fn serve_connection(inner: Arc<PeerInner>, node: NodeId, conn: quinn::Conn
                 break;
             }
         };
-        if inner.control.is_refused(&node) {
-            warn!(peer = %node, "the cluster now refuses this peer; closing");
+        if inner.control.is_refused_certificate(&node, &cert.serial) {
+            warn!(peer = %node, serial = %cert.serial, "the cluster now refuses this peer; closing");
             conn.close(code::REFUSED, b"refused");
             break;
         }
@@ -186,6 +233,18 @@ async fn serve_connection(inner: Arc<PeerInner>, node: NodeId, conn: quinn::Conn
     {
         conns.remove(&node);
     }
+}
+
+/// Resolves when the refusal lists change; never without a source of changes (or once it is
+/// gone).
+async fn refusals_changed(changes: &mut Option<watch::Receiver<()>>) {
+    if let Some(rx) = changes.as_mut()
+        && rx.changed().await.is_ok()
+    {
+        return;
+    }
+    *changes = None;
+    std::future::pending().await
 }
 
 /// Closes `conn` for a protocol violation, with a log line naming it.

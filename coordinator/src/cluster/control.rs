@@ -8,17 +8,25 @@
 //! tracker task is the only owner of the tracker: it feeds it inputs with `now`, sends what
 //! `poll_transmit` yields to the named agents, runs `poll_expire` when `poll_timeout` says,
 //! and calls `handle_disconnect` when a session ends. It also applies revocations (closing the
-//! sessions of revoked nodes) and tells every agent whom to refuse.
+//! sessions of revoked nodes and certificates) and tells every agent whom to refuse (nodes and
+//! certificate serials).
+//!
+//! A session lasts no longer than the certificate it was opened with. An agent that renewed
+//! opens a new session before its old certificate expires; the tracker task then hands the
+//! node's state over to it (no `handle_disconnect`) and still answers what arrives on the old
+//! session until the agent closes it.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rustls_pki_types::CertificateDer;
-use shoal_agent::cluster::tls::{CertInfo, cert_info};
-use shoal_proto::msg::{AgentMsg, CertDer, CoordMsg, Hello, MAX_REFUSED_NODES, NodeId};
+use shoal_agent::cluster::tls::{self, CertInfo, cert_info};
+use shoal_proto::msg::{
+    AgentMsg, CertDer, CoordMsg, Hello, MAX_REFUSED_NODES, MAX_REFUSED_SERIALS, NodeId, Serial,
+};
 use shoal_proto::time::Time;
 use shoal_proto::tracker::{Tracker, TrackerError};
 use shoal_proto::wire::{self, Decoder};
@@ -227,10 +235,21 @@ async fn connection(
     });
 
     let mut last_renewal: Option<Instant> = None;
+    // The handshake checked the certificate's validity; the session ends with it. An agent
+    // moves to its renewed certificate (a new session) before this fires.
+    let expired = tls::expired(info.not_after);
+    tokio::pin!(expired);
+    let mut close: (u32, &[u8]) = (0, b"bye");
     let result = loop {
         let msg = tokio::select! {
             r = read_msg(&mut recv, &mut dec, &mut buf) => r,
             e = conn.closed() => break Err(format!("{node}: {e}")),
+            () = &mut expired => {
+                warn!(node = %node, serial = %info.serial, "closing a control session: its certificate expired");
+                let _ = tx.send(CoordMsg::Refused { reason: "the certificate of this session expired".into() });
+                close = (3, b"certificate expired");
+                break Err(format!("{node}: certificate expired"));
+            }
             () = cancel.cancelled() => {
                 let _ = tx.send(CoordMsg::Bye);
                 break Ok(());
@@ -267,7 +286,7 @@ async fn connection(
     });
     drop(tx);
     let _ = tokio::time::timeout(Duration::from_secs(1), writer).await;
-    conn.close(0u32.into(), b"bye");
+    conn.close(close.0.into(), close.1);
     info!(node = %node, "agent disconnected");
     result
 }
@@ -279,6 +298,13 @@ fn renew(shared: &Shared, node: &NodeId, info: &CertInfo, csr: &[u8]) -> CoordMs
         shared.metrics.renewal("refused");
         return CoordMsg::RenewRefused {
             reason: format!("node {node} is revoked"),
+        };
+    }
+    // The session is closed when its certificate expires; this covers the moments before.
+    if SystemTime::now() >= info.not_after {
+        shared.metrics.renewal("refused");
+        return CoordMsg::RenewRefused {
+            reason: "the certificate of this session expired: enroll again".into(),
         };
     }
     match shared
@@ -332,6 +358,9 @@ pub(super) async fn run_tracker(
     let to_instant = |t: Time| start + Duration::from_micros(t.as_micros());
     let mut sessions: HashMap<NodeId, Session> = HashMap::new();
     let mut refused: Vec<NodeId> = Vec::new();
+    let mut refused_serials: Vec<Serial> = Vec::new();
+    // Sessions replaced after a renewal, until they end: answers to what was sent on them.
+    let mut retiring: HashMap<u64, mpsc::UnboundedSender<CoordMsg>> = HashMap::new();
     let mut revocation_poll = tokio::time::interval(REVOCATION_POLL);
     revocation_poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let far = Duration::from_secs(3600);
@@ -347,14 +376,24 @@ pub(super) async fn run_tracker(
                 match cmd {
                     Cmd::Connected { node, id, serial, hello, tx, conn } => {
                         if let Some(old) = sessions.remove(&node) {
-                            // A reconnect before the old session was noticed dead: the new one wins.
-                            old.conn.close(0u32.into(), b"replaced by a newer session");
-                            tracker.handle_disconnect(&node, now());
+                            if old.serial != serial {
+                                // The agent moves to a renewed certificate: the node's tracker
+                                // state carries over, and the old session ends when the agent
+                                // closes it (answers to what it sent there still reach it).
+                                debug!(node = %node, old = %old.serial, new = %serial, "control session replaced after a renewal");
+                                retiring.insert(old.id, old.tx);
+                            } else {
+                                // A reconnect before the old session was noticed dead: the new
+                                // one wins, and the node starts over.
+                                old.conn.close(0u32.into(), b"replaced by a newer session");
+                                tracker.handle_disconnect(&node, now());
+                            }
                         }
                         match tracker.handle_hello(&hello, now()) {
                             Ok(welcome) => {
                                 let _ = tx.send(welcome);
                                 let _ = tx.send(CoordMsg::RefusedNodes { nodes: refused.clone() });
+                                let _ = tx.send(CoordMsg::RefusedSerials { serials: refused_serials.clone() });
                                 sessions.insert(node, Session { id, serial, hello, tx, conn });
                             }
                             Err(e) => {
@@ -364,7 +403,18 @@ pub(super) async fn run_tracker(
                         }
                     }
                     Cmd::Msg { node, id, msg } => {
-                        let Some(s) = sessions.get(&node).filter(|s| s.id == id) else { continue };
+                        // The node's current session, or the one it is leaving after a renewal.
+                        let Some((s_tx, hello)) = sessions
+                            .get(&node)
+                            .filter(|s| s.id == id)
+                            .map(|s| (s.tx.clone(), s.hello.clone()))
+                            .or_else(|| {
+                                let current = sessions.get(&node)?;
+                                Some((retiring.get(&id)?.clone(), current.hello.clone()))
+                            })
+                        else {
+                            continue;
+                        };
                         match &msg {
                             AgentMsg::Locate { .. } => metrics.cluster_locate(),
                             AgentMsg::ReportBadPeer { peer, .. } => {
@@ -384,7 +434,7 @@ pub(super) async fn run_tracker(
                         if let Err(TrackerError::UnknownNode(_)) = result {
                             // The tracker expired the node while its session lived on (a long
                             // stall): register it again and retry.
-                            let _ = tracker.handle_hello(&s.hello, t);
+                            let _ = tracker.handle_hello(&hello, t);
                             result = tracker.handle(&node, msg, t);
                         }
                         match result {
@@ -395,13 +445,14 @@ pub(super) async fn run_tracker(
                                 {
                                     metrics.cluster_origin_slot();
                                 }
-                                let _ = s.tx.send(reply);
+                                let _ = s_tx.send(reply);
                             }
                             Ok(None) => {}
                             Err(e) => debug!(node = %node, error = %e, "control message refused by the tracker"),
                         }
                     }
                     Cmd::Disconnected { node, id } => {
+                        retiring.remove(&id);
                         if sessions.get(&node).is_some_and(|s| s.id == id) {
                             sessions.remove(&node);
                             tracker.handle_disconnect(&node, now());
@@ -447,14 +498,36 @@ pub(super) async fn run_tracker(
             }
         }
         if recheck_refused {
-            let mut set: BTreeSet<NodeId> = revocations.current().nodes;
-            set.extend(tracker.quarantined_nodes(now()));
-            let list: Vec<NodeId> = set.into_iter().take(MAX_REFUSED_NODES).collect();
-            if list != refused {
-                refused = list;
+            let revoked = revocations.current();
+            let lists = refusal_lists(revoked, tracker.quarantined_nodes(now()));
+            let (nodes, serials) = (lists.nodes, lists.serials);
+            if nodes != refused {
+                if lists.nodes_left_out > 0 {
+                    warn!(
+                        sent = nodes.len(),
+                        left_out = lists.nodes_left_out,
+                        "too many refused nodes for one list: agents are not told about the rest"
+                    );
+                }
+                refused = nodes;
                 for s in sessions.values() {
                     let _ = s.tx.send(CoordMsg::RefusedNodes {
                         nodes: refused.clone(),
+                    });
+                }
+            }
+            if serials != refused_serials {
+                if lists.serials_left_out > 0 {
+                    warn!(
+                        sent = serials.len(),
+                        left_out = lists.serials_left_out,
+                        "too many revoked serials for one list: agents are not told about the rest"
+                    );
+                }
+                refused_serials = serials;
+                for s in sessions.values() {
+                    let _ = s.tx.send(CoordMsg::RefusedSerials {
+                        serials: refused_serials.clone(),
                     });
                 }
             }
@@ -466,7 +539,130 @@ pub(super) async fn run_tracker(
     }
 }
 
+/// What agents are told to refuse (see [`refusal_lists`]).
+#[derive(Debug, Default)]
+struct RefusalLists {
+    nodes: Vec<NodeId>,
+    serials: Vec<Serial>,
+    /// Refused nodes and revoked serials that did not fit.
+    nodes_left_out: usize,
+    serials_left_out: usize,
+}
+
+/// What agents are told to refuse, within the protocol's bounds: revoked nodes first, then
+/// quarantined ones; revoked serials. What does not fit is left out (and counted): peers may
+/// then accept those, while coordinators still refuse every revoked certificate.
+fn refusal_lists(revoked: super::revoke::RevokedSet, quarantined: Vec<NodeId>) -> RefusalLists {
+    let quarantined: BTreeSet<NodeId> = quarantined
+        .into_iter()
+        .filter(|n| !revoked.nodes.contains(n))
+        .collect();
+    let total = revoked.nodes.len() + quarantined.len();
+    let mut nodes: Vec<NodeId> = revoked
+        .nodes
+        .into_iter()
+        .chain(quarantined)
+        .take(MAX_REFUSED_NODES)
+        .collect();
+    nodes.sort();
+    // The revocation file's serials are normalised and at most 32 bytes, so every one parses.
+    let parsed: Vec<Serial> = revoked
+        .serials
+        .iter()
+        .filter_map(|s| Serial::new(s).ok())
+        .collect();
+    RefusalLists {
+        nodes_left_out: total - nodes.len(),
+        serials_left_out: parsed.len().saturating_sub(MAX_REFUSED_SERIALS),
+        serials: parsed.into_iter().take(MAX_REFUSED_SERIALS).collect(),
+        nodes,
+    }
+}
+
 /// The bound address, for logs.
 pub(super) fn describe(endpoint: &quinn::Endpoint) -> Option<SocketAddr> {
     endpoint.local_addr().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::revoke::RevokedSet;
+
+    fn id(s: &str) -> NodeId {
+        NodeId::new(s).unwrap()
+    }
+
+    #[test]
+    fn refusal_lists_put_revocations_first_and_count_what_does_not_fit() {
+        let mut revoked = RevokedSet::default();
+        revoked.nodes.insert(id("zz-revoked"));
+        revoked.serials.insert("0a1b".into());
+        let lists = refusal_lists(revoked.clone(), vec![id("a-quarantined"), id("zz-revoked")]);
+        assert_eq!(lists.nodes, vec![id("a-quarantined"), id("zz-revoked")]);
+        assert_eq!(lists.serials, vec![Serial::new("0a1b").unwrap()]);
+        assert_eq!((lists.nodes_left_out, lists.serials_left_out), (0, 0));
+
+        // Over the bound: every revoked node is kept, quarantined ones are left out first.
+        let quarantined: Vec<NodeId> = (0..MAX_REFUSED_NODES)
+            .map(|i| id(&format!("q{i:05}")))
+            .collect();
+        for i in 0..MAX_REFUSED_SERIALS + 3 {
+            revoked.serials.insert(format!("{:08x}", i + 1));
+        }
+        let lists = refusal_lists(revoked, quarantined);
+        assert_eq!(lists.nodes.len(), MAX_REFUSED_NODES);
+        assert!(lists.nodes.contains(&id("zz-revoked")));
+        assert_eq!(lists.nodes_left_out, 1);
+        assert_eq!(lists.serials.len(), MAX_REFUSED_SERIALS);
+        assert_eq!(lists.serials_left_out, 4);
+        assert!(
+            wire::encode(&CoordMsg::RefusedSerials {
+                serials: lists.serials
+            })
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn renewal_is_refused_once_the_session_certificate_expired() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(ClusterCa::load_or_create(&dir.path().join("ca")).unwrap());
+        let revocations = Arc::new(Revocations::load(dir.path().join("revoked")).unwrap());
+        let (cmds, _rx) = mpsc::unbounded_channel();
+        let shared = Shared {
+            ca,
+            revocations,
+            cert_lifetime: Duration::from_secs(60),
+            metrics: Metrics::new(),
+            cmds,
+        };
+        let csr = || {
+            let key = rcgen::KeyPair::generate().unwrap();
+            rcgen::CertificateParams::new(Vec::<String>::new())
+                .unwrap()
+                .serialize_request(&key)
+                .unwrap()
+                .der()
+                .to_vec()
+        };
+        let now = SystemTime::now();
+        let mut info = CertInfo {
+            identity: None,
+            serial: "0a".into(),
+            not_before: now - Duration::from_secs(60),
+            not_after: now + Duration::from_secs(60),
+            ips: vec!["10.0.0.1".parse().unwrap()],
+        };
+        let node = id("node-1");
+        assert!(matches!(
+            renew(&shared, &node, &info, &csr()),
+            CoordMsg::Renewed { .. }
+        ));
+        info.not_after = now - Duration::from_secs(1);
+        match renew(&shared, &node, &info, &csr()) {
+            CoordMsg::RenewRefused { reason } => assert!(reason.contains("expired"), "{reason}"),
+            other => panic!("renewed with an expired certificate: {other:?}"),
+        }
+    }
 }

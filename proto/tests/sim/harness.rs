@@ -632,7 +632,8 @@ impl Sim {
             | CoordMsg::Bye
             | CoordMsg::Renewed { .. }
             | CoordMsg::RenewRefused { .. }
-            | CoordMsg::RefusedNodes { .. } => {}
+            | CoordMsg::RefusedNodes { .. }
+            | CoordMsg::RefusedSerials { .. } => {}
         }
         self.drive(i);
     }
