@@ -1,14 +1,16 @@
 //! The control plane in process: coordinators (front door from the harness plus the cluster
 //! part on a UDP port of 127.0.0.1) and agents' `Cluster`s on 127.0.0.2, .3, .4: enrollment,
-//! Hello/Announce/Locate, one origin slot, renewal, refusal of foreign, missing and revoked
-//! certificates on the control and peer channels, bad tokens, and two coordinators sharing
-//! the digests and failing over.
+//! Hello/Announce/Locate, one origin slot, renewal (a new control session with the renewed
+//! certificate), sessions and peer connections that end with the certificate they were opened
+//! with, refusal of foreign, missing and revoked (by node or by serial) certificates and of
+//! wrong ALPNs on the control and peer channels, bad tokens, and two coordinators sharing the
+//! digests and failing over.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail, ensure};
 use rustls_pki_types::pem::PemObject;
@@ -17,9 +19,14 @@ use shoal_agent::cluster::tls::{self, CertSlot, ClusterServerVerifier, Expect, R
 use shoal_agent::cluster::{
     Cluster, ClusterConfig, ClusterError, ClusterTimers, CoordinatorAddr, FrontDoorTrust,
 };
+use shoal_agent::metrics::Metrics;
+use shoal_agent::peer::{Peer, PeerConfig, Shaping};
+use shoal_agent::store::{Store, StoreConfig};
 use shoal_proto::Digest;
 use shoal_proto::enroll::{BootstrapToken, EnrollErrorCode};
-use shoal_proto::msg::{AgentMsg, Announce, CoordMsg, Hello, NodeId, PROTOCOL_VERSION, Zone};
+use shoal_proto::msg::{
+    AgentMsg, Announce, CoordMsg, Hello, NodeId, PROTOCOL_VERSION, PeerMsg, RejectReason, Zone,
+};
 use shoal_proto::tracker::owner_coordinator;
 use shoal_proto::wire::{self, ALPN_CTL, ALPN_PEER, Decoder};
 use shoal_tests::coordinator::{CoordinatorOptions, TestCoordinator};
@@ -82,8 +89,93 @@ impl Shared {
 struct Node {
     _stop: oneshot::Sender<()>,
     cluster: Cluster,
-    _peer_socket: std::net::UdpSocket,
-    _state: TempDir,
+    /// Held until the node's data plane binds the address ([`start_peer`]).
+    peer_socket: Option<std::net::UdpSocket>,
+    state: TempDir,
+}
+
+impl Node {
+    /// The node's certificate and key as stored in its state directory, to present by hand.
+    fn stored_identity(&self) -> Result<Arc<rustls::sign::CertifiedKey>> {
+        let pem = std::fs::read(self.state.path().join("cluster/identity.pem"))?;
+        let chain = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_slice(&pem)?;
+        Ok(tls::certified_key(chain, key, &tls::provider())?)
+    }
+}
+
+/// A node's data plane (its peer endpoint, on the address its certificate names), with an
+/// empty store.
+struct PeerNode {
+    peer: Peer,
+    _store: TempDir,
+}
+
+impl Drop for PeerNode {
+    fn drop(&mut self) {
+        let peer = self.peer.clone();
+        tokio::spawn(async move { peer.shutdown().await });
+    }
+}
+
+async fn start_peer(node: &mut Node) -> Result<PeerNode> {
+    let dir = tempfile::Builder::new().prefix("shoal-peer-").tempdir()?;
+    let cfg = StoreConfig::new(dir.path().join("store"));
+    let store = tokio::task::spawn_blocking(move || Store::open(cfg)).await??;
+    // Free the address for the endpoint (UDP: nothing lingers).
+    drop(node.peer_socket.take());
+    let peer = Peer::start(
+        Arc::new(node.cluster.clone()),
+        PeerConfig::default(),
+        Shaping::unlimited(),
+        store,
+        Metrics::new(),
+    )?;
+    Ok(PeerNode { peer, _store: dir })
+}
+
+/// Opens a peer connection to `addr` presenting `client` and asks for a piece of a blob the
+/// other side does not have: `Ok` with the connection once it answered (`Reject`).
+async fn peer_request(
+    client: quinn::ClientConfig,
+    from_ip: &str,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<(quinn::Connection, quinn::Endpoint)> {
+    let ep = client_endpoint(from_ip)?;
+    let attempt = async {
+        let conn = ep.connect_with(client, addr, server_name)?.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let request = PeerMsg::Request {
+            digest: digest(99),
+            piece: 0,
+        };
+        send.write_all(&wire::encode(&request)?).await?;
+        send.finish()?;
+        let mut dec = Decoder::<PeerMsg>::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = recv.read(&mut buf).await?.context("stream ended")?;
+            let mut input = &buf[..n];
+            if let Some(m) = dec.decode(&mut input)? {
+                ensure!(
+                    matches!(
+                        m,
+                        PeerMsg::Reject {
+                            reason: RejectReason::UnknownBlob,
+                            ..
+                        }
+                    ),
+                    "unexpected answer {m:?}"
+                );
+                return Ok::<_, anyhow::Error>(conn);
+            }
+        }
+    };
+    let conn = tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .context("peer request hung")??;
+    Ok((conn, ep))
 }
 
 impl std::ops::Deref for Node {
@@ -153,8 +245,8 @@ async fn start_node_with(
     .await
     .map(|cluster| Node {
         cluster,
-        _peer_socket: peer_socket,
-        _state: state,
+        peer_socket: Some(peer_socket),
+        state,
         _stop: stop,
     }))
 }
@@ -288,6 +380,30 @@ fn client_presenting(
         Arc::new(RefuseNone),
     ));
     quic_client(tls::client_config(&trust, verifier, slot, alpn)?)
+}
+
+/// As [`client_presenting`], offering exactly `alpns` (none, or names the server does not
+/// speak).
+fn client_offering(
+    cluster_ca: &[u8],
+    expect: Expect,
+    identity: Arc<rustls::sign::CertifiedKey>,
+    alpns: &[&[u8]],
+) -> Result<quinn::ClientConfig> {
+    let trust = Arc::new(Trust::new(
+        tls::provider(),
+        CertificateDer::from(cluster_ca.to_vec()),
+    )?);
+    let slot = Arc::new(CertSlot::default());
+    slot.set(identity);
+    let verifier = Arc::new(ClusterServerVerifier::new(
+        trust.clone(),
+        expect,
+        Arc::new(RefuseNone),
+    ));
+    let mut cfg = tls::client_config(&trust, verifier, slot, b"unused")?;
+    cfg.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+    quic_client(cfg)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -432,22 +548,44 @@ async fn renewal_replaces_the_certificate_before_expiry() -> Result<()> {
         let coords = [("coord-a", &coord)];
         let a = start_node("127.0.0.2", "node-a", &coords).await?;
         let (serial, not_after) = a.certificate().context("no certificate")?;
+        let first = a.control_sessions();
+        ensure!(
+            first.len() == 1 && first[0].serial == serial,
+            "sessions {first:?}, certificate {serial}"
+        );
         let renewed = poll_until(WAIT, "the certificate is renewed", || async {
             a.certificate().filter(|(s, _)| *s != serial)
         })
         .await?;
-        let now = std::time::SystemTime::now();
         ensure!(
-            now < not_after,
+            SystemTime::now() < not_after,
             "renewed only after the old certificate expired"
         );
         ensure!(renewed.1 > not_after);
-        // Past the first certificate's end, the session still works (with the new one).
-        tokio::time::sleep(
-            not_after.duration_since(now).unwrap_or_default() + Duration::from_secs(1),
+        // A new control session (a new handshake, presenting the renewed certificate, answered
+        // with Welcome) replaces the one opened with the old certificate before that expires.
+        let second = poll_until(
+            WAIT,
+            "a control session with the renewed certificate",
+            || {
+                let s = a.control_sessions();
+                let want = renewed.0.clone();
+                async move { s.into_iter().find(|s| s.serial == want) }
+            },
         )
-        .await;
-        // That sleep waits for wall-clock expiry, not for an event; everything after is polled.
+        .await?;
+        ensure!(second.id != first[0].id, "the same session: {second:?}");
+        ensure!(
+            SystemTime::now() < not_after,
+            "the control session moved only after the old certificate expired"
+        );
+        // Past the first certificate's end (the coordinator closes sessions whose certificate
+        // expired: `a_control_session_ends_when_its_certificate_expires`), the control channel
+        // works, over sessions opened with a later certificate.
+        wait_until(WAIT, "the first certificate expired", || async {
+            SystemTime::now() > not_after
+        })
+        .await?;
         let r = poll_until(
             WAIT,
             "locate works after the first certificate expired",
@@ -455,6 +593,11 @@ async fn renewal_replaces_the_certificate_before_expiry() -> Result<()> {
         )
         .await?;
         ensure!(r.digest == digest(7));
+        let now = a.control_sessions();
+        ensure!(
+            !now.is_empty() && now.iter().all(|s| s.serial != serial),
+            "sessions after expiry: {now:?}"
+        );
         // Renewed over the control channel, not by enrolling again.
         ensure!(
             coord
@@ -470,6 +613,222 @@ async fn renewal_replaces_the_certificate_before_expiry() -> Result<()> {
                 .metric_sum("shoal_coordinator_cluster_enrollments_total", &[])
                 .await?
                 == 1.0
+        );
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_session_ends_when_its_certificate_expires() -> Result<()> {
+    within(async {
+        let shared = Shared::new()?;
+        let coord = shared.coordinator("coord-a", "4s").await?;
+        let coords = [("coord-a", &coord)];
+        let ctl = coord.cluster_addr().context("no cluster port")?;
+        // Enroll a node, keep its certificate, stop it: this certificate is never renewed.
+        let c = start_node("127.0.0.4", "node-c", &coords).await?;
+        let identity = c.stored_identity()?;
+        let ca = c.ca_certificate().context("no cluster CA")?;
+        let advertise = c.advertise();
+        drop(c);
+        let info = tls::cert_info(&identity.cert[0])?;
+        ensure!(SystemTime::now() < info.not_after, "expired already");
+
+        let cfg = client_presenting(&ca, Expect::Coordinator, Some(identity.clone()), ALPN_CTL)?;
+        let ep = client_endpoint("127.0.0.4")?;
+        let conn = ep.connect_with(cfg, ctl, "coord-a")?.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        send.write_all(&wire::encode(&AgentMsg::Hello(hello("node-c", advertise)))?)
+            .await?;
+        // Read until the coordinator ends the session.
+        let session = async {
+            let mut dec = Decoder::<CoordMsg>::new();
+            let mut buf = [0u8; 4096];
+            let mut got = Vec::new();
+            loop {
+                match recv.read(&mut buf).await {
+                    Ok(Some(n)) => {
+                        let mut input = &buf[..n];
+                        while let Some(m) = dec.decode(&mut input)? {
+                            got.push(m);
+                        }
+                    }
+                    Ok(None) | Err(_) => return Ok::<_, anyhow::Error>(got),
+                }
+            }
+        };
+        let got = tokio::time::timeout(WAIT, session)
+            .await
+            .context("the session outlived its certificate")??;
+        let ended = SystemTime::now();
+        ensure!(
+            matches!(got.first(), Some(CoordMsg::Welcome { .. })),
+            "the session was not accepted: {got:?}"
+        );
+        ensure!(
+            got.iter().any(
+                |m| matches!(m, CoordMsg::Refused { reason } if reason.contains("expired"))
+            ),
+            "no refusal naming expiry: {got:?}"
+        );
+        ensure!(
+            ended >= info.not_after,
+            "closed {:?} before the certificate's end",
+            info.not_after.duration_since(ended).unwrap_or_default()
+        );
+        let closed = tokio::time::timeout(WAIT, conn.closed()).await?;
+        ensure!(
+            matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.reason.as_ref() == b"certificate expired"),
+            "{closed:?}"
+        );
+        // And it cannot come back with that certificate.
+        let cfg = client_presenting(&ca, Expect::Coordinator, Some(identity), ALPN_CTL)?;
+        let r = ctl_attempt(cfg, ctl, "coord-a", hello("node-c", advertise)).await;
+        ensure!(r.is_err(), "an expired certificate got a session: {r:?}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_connections_end_with_the_peer_certificate_and_resume_with_the_renewed_one()
+-> Result<()> {
+    within(async {
+        let shared = Shared::new()?;
+        let coord = shared.coordinator("coord-a", "6s").await?;
+        let coords = [("coord-a", &coord)];
+        let mut a = start_node("127.0.0.2", "node-a", &coords).await?;
+        let b = start_node("127.0.0.3", "node-b", &coords).await?;
+        let a_peer = start_peer(&mut a).await?;
+        let addr = a_peer.peer.local_addr();
+        let (serial, not_after) = b.certificate().context("no certificate")?;
+        let (conn, _ep) = peer_request(b.peer_client_config(), "127.0.0.3", addr, "node-a").await?;
+        // a closes the connection when b's certificate (the one b presented) expires.
+        let closed = tokio::time::timeout(WAIT, conn.closed())
+            .await
+            .context("the peer connection outlived the certificate")?;
+        let ended = SystemTime::now();
+        ensure!(
+            matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.reason.as_ref() == b"certificate expired"),
+            "{closed:?}"
+        );
+        ensure!(ended >= not_after, "closed before the certificate's end");
+        // b renewed meanwhile; a new connection presents the new certificate and works.
+        let (renewed, _) = b.certificate().context("no certificate")?;
+        ensure!(renewed != serial, "b did not renew");
+        let (conn, _ep) = peer_request(b.peer_client_config(), "127.0.0.3", addr, "node-a").await?;
+        ensure!(conn.close_reason().is_none());
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_revoked_by_serial_is_refused_between_peers() -> Result<()> {
+    within(async {
+        let shared = Shared::new()?;
+        let coord = shared.coordinator("coord-a", "1h").await?;
+        let coords = [("coord-a", &coord)];
+        let mut a = start_node("127.0.0.2", "node-a", &coords).await?;
+        let b = start_node("127.0.0.3", "node-b", &coords).await?;
+        let a_peer = start_peer(&mut a).await?;
+        let addr = a_peer.peer.local_addr();
+        let (serial, _) = b.certificate().context("no certificate")?;
+        // b can ask a for pieces.
+        let (conn, _ep) = peer_request(b.peer_client_config(), "127.0.0.3", addr, "node-a").await?;
+
+        // Revoke that one certificate of b (not the node).
+        ensure!(shoal_coordinator::cluster::revoke::edit(
+            &shared.revoked(),
+            None,
+            Some(&serial),
+            true,
+        )?);
+        // a closes the open connection as soon as the list arrives...
+        let closed = tokio::time::timeout(WAIT, conn.closed())
+            .await
+            .context("the connection of a revoked certificate stayed open")?;
+        ensure!(
+            matches!(&closed, quinn::ConnectionError::ApplicationClosed(c) if c.reason.as_ref() == b"refused"),
+            "{closed:?}"
+        );
+        ensure!(a.is_refused_certificate(&id("node-b"), &serial));
+        ensure!(
+            !a.is_refused(&id("node-b")),
+            "the node itself is not revoked (a new certificate would do)"
+        );
+        // ... and refuses new handshakes with it.
+        let again = peer_request(b.peer_client_config(), "127.0.0.3", addr, "node-a").await;
+        ensure!(again.is_err(), "a accepted a revoked certificate again");
+        ensure!(a_peer.peer.connected_peers().is_empty());
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_or_missing_alpn_is_refused_on_both_channels() -> Result<()> {
+    within(async {
+        let shared = Shared::new()?;
+        let coord = shared.coordinator("coord-a", "1h").await?;
+        let coords = [("coord-a", &coord)];
+        let ctl = coord.cluster_addr().context("no cluster port")?;
+        let a = start_node("127.0.0.2", "node-a", &coords).await?;
+        let ca = a.ca_certificate().context("no cluster CA")?;
+        // A valid cluster certificate, so that only the ALPN is wrong.
+        let identity = a.stored_identity()?;
+        let wrong: [&[&[u8]]; 3] = [&[], &[b"shoal-ctl/2"], &[b"h3"]];
+
+        for alpns in wrong.iter().copied().chain([&[ALPN_PEER][..]]) {
+            let cfg = client_offering(&ca, Expect::Coordinator, identity.clone(), alpns)?;
+            let r = ctl_attempt(cfg, ctl, "coord-a", hello("node-a", a.advertise())).await;
+            ensure!(r.is_err(), "control channel with ALPN {alpns:?}: {r:?}");
+        }
+        let cfg = client_offering(&ca, Expect::Coordinator, identity.clone(), &[ALPN_CTL])?;
+        let r = ctl_attempt(cfg, ctl, "coord-a", hello("node-a", a.advertise())).await?;
+        ensure!(matches!(r, CoordMsg::Welcome { .. }), "{r:?}");
+
+        let server = quinn::Endpoint::server(a.peer_server_config(), "127.0.0.2:0".parse()?)?;
+        let addr = server.local_addr()?;
+        let ep = client_endpoint("127.0.0.2")?;
+        for alpns in wrong.iter().copied().chain([&[ALPN_CTL][..]]) {
+            let cfg = client_offering(&ca, Expect::Node, identity.clone(), alpns)?;
+            let accept = async {
+                match server.accept().await {
+                    Some(i) => i.await.is_ok(),
+                    None => false,
+                }
+            };
+            let connect = async {
+                ep.connect_with(cfg, addr, "node-a")?
+                    .await
+                    .map_err(anyhow::Error::from)
+            };
+            let (accepted, connected) =
+                tokio::time::timeout(WAIT, async { tokio::join!(accept, connect) }).await?;
+            ensure!(
+                !accepted && connected.is_err(),
+                "peer channel with ALPN {alpns:?}: accepted {accepted}, {connected:?}"
+            );
+        }
+        let cfg = client_offering(&ca, Expect::Node, identity, &[ALPN_PEER])?;
+        let accept = async {
+            match server.accept().await {
+                Some(i) => i.await.is_ok(),
+                None => false,
+            }
+        };
+        let connect = async {
+            ep.connect_with(cfg, addr, "node-a")?
+                .await
+                .map_err(anyhow::Error::from)
+        };
+        let (accepted, connected) =
+            tokio::time::timeout(WAIT, async { tokio::join!(accept, connect) }).await?;
+        ensure!(
+            accepted && connected.is_ok(),
+            "the right ALPN: {connected:?}"
         );
         Ok(())
     })
@@ -559,8 +918,16 @@ async fn foreign_missing_and_revoked_certificates_are_refused() -> Result<()> {
         })
         .await?;
         ensure!(b.locate(&digest(3), false).await.is_err());
-        // ... and stays out (its reconnection attempts are refused at the handshake).
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // ... and stays out: its certificate is refused at the handshake (what its
+        // reconnection attempts present).
+        let cfg = client_presenting(
+            &ca,
+            Expect::Coordinator,
+            Some(b.stored_identity()?),
+            ALPN_CTL,
+        )?;
+        let r = ctl_attempt(cfg, ctl, "coord-a", hello("node-b", b.advertise())).await;
+        ensure!(r.is_err(), "the revoked certificate got a session: {r:?}");
         ensure!(b.connected_coordinators().is_empty());
         // A revoked node may not enroll again either.
         let again = start_node_with("127.0.0.3", "node-b", &coords, TOKEN).await?;
@@ -841,8 +1208,8 @@ async fn a_silent_coordinator_is_abandoned_within_seconds() -> Result<()> {
                 Ok::<_, anyhow::Error>(Node {
                     _stop: stop,
                     cluster,
-                    _peer_socket: peer_socket,
-                    _state: state,
+                    peer_socket: Some(peer_socket),
+                    state,
                 })
             }
         };
