@@ -111,10 +111,54 @@ pub struct ReplicaOption {
     pub down: bool,
 }
 
+/// The `host` of the pool that [`CoordinatorOptions::new`] configures.
+pub const MAIN_POOL: &str = "registry.test";
+
+/// Another `[[registry]]` pool, chosen by clients with `?ns=<host>`. Its health settings are
+/// the main pool's.
+#[derive(Clone, Debug)]
+pub struct PoolOption {
+    pub host: String,
+    pub replicas: Vec<ReplicaOption>,
+    pub policy: String,
+    /// `ca_file`: PEM certificates trusted for `https://` replicas.
+    pub ca_file: Option<PathBuf>,
+    /// Allow `http://` replicas (the harness's registries are plain HTTP unless made with TLS).
+    pub insecure_http: bool,
+    pub connect_timeout: Duration,
+}
+
+impl PoolOption {
+    /// A round-robin pool of plain-HTTP replicas.
+    pub fn new(host: &str, replica_urls: &[String]) -> PoolOption {
+        PoolOption {
+            host: host.to_owned(),
+            replicas: replica_urls.iter().map(|u| ReplicaOption::new(u)).collect(),
+            policy: "round_robin".into(),
+            ca_file: None,
+            insecure_http: true,
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+impl ReplicaOption {
+    /// Weight 1, not down.
+    pub fn new(url: &str) -> ReplicaOption {
+        ReplicaOption {
+            url: url.to_owned(),
+            weight: 1,
+            down: false,
+        }
+    }
+}
+
 /// What the test coordinator is configured with. Everything becomes a TOML config parsed by
 /// `Config::from_toml`, so tests exercise the real config path.
 #[derive(Clone, Debug)]
 pub struct CoordinatorOptions {
+    /// The main pool's `host` ([`MAIN_POOL`] by default).
+    pub host: String,
     pub replicas: Vec<ReplicaOption>,
     /// `round_robin`, `weighted`, `ip_hash`, `least_conn` or `digest_hash`.
     pub policy: String,
@@ -130,9 +174,21 @@ pub struct CoordinatorOptions {
     pub auth_toml: String,
     /// Extra lines for the `[server]` table.
     pub server_toml: String,
+    /// The main pool's `ca_file`: PEM certificates trusted for `https://` replicas.
+    pub ca_file: Option<PathBuf>,
+    /// Allow `http://` replicas in the main pool (true by default).
+    pub upstream_insecure_http: bool,
+    /// The main pool's `connect_timeout` (TCP connect and TLS handshake).
+    pub connect_timeout: Duration,
     pub health_interval: Duration,
+    /// How long one active health check may take.
+    pub health_timeout: Duration,
     pub max_fails: u32,
     pub fail_timeout: Duration,
+    /// More pools after the main one, chosen with `?ns=<host>`.
+    pub pools: Vec<PoolOption>,
+    /// `server.default_registry`; `None` leaves the main pool the default.
+    pub default_registry: Option<String>,
     /// Also listen on plain HTTP.
     pub insecure_http: bool,
     pub coalescing: bool,
@@ -146,14 +202,8 @@ impl CoordinatorOptions {
     /// One pool of plain-HTTP replicas, round robin, no front-door auth.
     pub fn new(replica_urls: &[String]) -> CoordinatorOptions {
         CoordinatorOptions {
-            replicas: replica_urls
-                .iter()
-                .map(|u| ReplicaOption {
-                    url: u.clone(),
-                    weight: 1,
-                    down: false,
-                })
-                .collect(),
+            host: MAIN_POOL.into(),
+            replicas: replica_urls.iter().map(|u| ReplicaOption::new(u)).collect(),
             policy: "round_robin".into(),
             redirect: "pass".into(),
             htpasswd: None,
@@ -161,9 +211,15 @@ impl CoordinatorOptions {
             access_toml: String::new(),
             auth_toml: String::new(),
             server_toml: String::new(),
+            ca_file: None,
+            upstream_insecure_http: true,
+            connect_timeout: Duration::from_secs(2),
             health_interval: Duration::from_secs(1),
+            health_timeout: Duration::from_secs(1),
             max_fails: 1,
             fail_timeout: Duration::from_secs(5),
+            pools: Vec::new(),
+            default_registry: None,
             insecure_http: false,
             coalescing: true,
             cluster_toml: None,
@@ -174,9 +230,14 @@ impl CoordinatorOptions {
         let q = |s: &str| serde_json::to_string(s).expect("a str serialises");
         let p = |p: &Path| q(&p.to_string_lossy());
         let mut t = String::new();
+        let default = match (&self.default_registry, self.pools.is_empty()) {
+            (Some(host), _) => format!("default_registry = {}\n", q(host)),
+            (None, false) => format!("default_registry = {}\n", q(&self.host)),
+            (None, true) => String::new(),
+        };
         writeln!(
             t,
-            "[server]\ntls_cert = {}\ntls_key = {}\nreload_poll = \"200ms\"\ndrain_timeout = \"5s\"\n{}",
+            "[server]\ntls_cert = {}\ntls_key = {}\nreload_poll = \"200ms\"\ndrain_timeout = \"5s\"\n{default}{}",
             p(&dir.join("tls/server.crt")),
             p(&dir.join("tls/server.key")),
             self.server_toml
@@ -196,32 +257,49 @@ impl CoordinatorOptions {
             writeln!(t, "[cluster]\n{c}\n")?;
         }
         t.push_str(&self.access_toml);
-        writeln!(
-            t,
-            "\n[[registry]]\nhost = \"registry.test\"\npolicy = {}\nredirect = {}\ninsecure_http = true\nconnect_timeout = \"2s\"",
-            q(&self.policy),
-            q(&self.redirect)
-        )?;
-        if let Some((user, pass)) = &self.upstream_credentials {
-            let file = dir.join("upstream.password");
-            std::fs::write(&file, format!("{pass}\n"))?;
-            writeln!(t, "username = {}\npassword_file = {}", q(user), p(&file))?;
-        }
-        writeln!(
-            t,
-            "[registry.health]\ninterval = \"{}ms\"\ntimeout = \"1s\"\nmax_fails = {}\nfail_timeout = \"{}ms\"",
-            self.health_interval.as_millis(),
-            self.max_fails,
-            self.fail_timeout.as_millis()
-        )?;
-        for r in &self.replicas {
+        let main = PoolOption {
+            host: self.host.clone(),
+            replicas: self.replicas.clone(),
+            policy: self.policy.clone(),
+            ca_file: self.ca_file.clone(),
+            insecure_http: self.upstream_insecure_http,
+            connect_timeout: self.connect_timeout,
+        };
+        for (i, pool) in std::iter::once(&main).chain(&self.pools).enumerate() {
             writeln!(
                 t,
-                "[[registry.replica]]\nurl = {}\nweight = {}\ndown = {}",
-                q(&r.url),
-                r.weight,
-                r.down
+                "\n[[registry]]\nhost = {}\npolicy = {}\nredirect = {}\ninsecure_http = {}\nconnect_timeout = \"{}ms\"",
+                q(&pool.host),
+                q(&pool.policy),
+                q(&self.redirect),
+                pool.insecure_http,
+                pool.connect_timeout.as_millis()
             )?;
+            if let Some(ca) = &pool.ca_file {
+                writeln!(t, "ca_file = {}", p(ca))?;
+            }
+            if let Some((user, pass)) = &self.upstream_credentials {
+                let file = dir.join(format!("upstream-{i}.password"));
+                std::fs::write(&file, format!("{pass}\n"))?;
+                writeln!(t, "username = {}\npassword_file = {}", q(user), p(&file))?;
+            }
+            writeln!(
+                t,
+                "[registry.health]\ninterval = \"{}ms\"\ntimeout = \"{}ms\"\nmax_fails = {}\nfail_timeout = \"{}ms\"",
+                self.health_interval.as_millis(),
+                self.health_timeout.as_millis(),
+                self.max_fails,
+                self.fail_timeout.as_millis()
+            )?;
+            for r in &pool.replicas {
+                writeln!(
+                    t,
+                    "[[registry.replica]]\nurl = {}\nweight = {}\ndown = {}",
+                    q(&r.url),
+                    r.weight,
+                    r.down
+                )?;
+            }
         }
         Ok(t)
     }

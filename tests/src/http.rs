@@ -1,5 +1,6 @@
 //! HTTP helpers for end-to-end tests: streamed GETs that tell a complete body from an aborted
-//! one, raw requests for inputs a well-behaved client cannot send, and a monolithic blob upload.
+//! one, raw requests for inputs a well-behaved client cannot send, monolithic and chunked blob
+//! uploads, and manifest uploads.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -191,17 +192,103 @@ pub async fn push_blob(registry_url: &str, repo: &str, bytes: &[u8]) -> Result<S
     Ok(digest)
 }
 
-/// Uploads a manifest (`PUT /v2/<repo>/manifests/<reference>`). Returns the digest the
-/// registry reports.
-pub async fn push_manifest(
-    registry_url: &str,
+/// What a chunked upload saw.
+#[derive(Debug, Clone)]
+pub struct ChunkedUpload {
+    pub digest: String,
+    /// Every `Location` the server answered with (POST, then each PATCH), as sent.
+    pub locations: Vec<String>,
+}
+
+/// Uploads `bytes` as a blob of `repo` in chunks of `chunk` bytes: `POST` to
+/// `{base}/v2/{repo}/blobs/uploads/?{query}`, one `PATCH` per chunk, then the closing `PUT`
+/// with the digest, each sent to the `Location` of the answer before it, as a registry client
+/// does. `query` (e.g. `ns=b.test`) is added to the `POST` only; whether it reaches the later
+/// requests is up to the `Location`s.
+pub async fn push_blob_chunked(
+    base: &str,
     repo: &str,
-    reference: &str,
-    media_type: &str,
     bytes: &[u8],
-) -> Result<String> {
+    chunk: usize,
+    query: &str,
+) -> Result<ChunkedUpload> {
+    ensure!(chunk > 0, "chunk size must be positive");
+    let digest = sha256_digest(bytes);
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let put = Request::put(format!("{registry_url}/v2/{repo}/manifests/{reference}"))
+    let absolute = |loc: &str| {
+        if loc.starts_with('/') {
+            format!("{base}{loc}")
+        } else {
+            loc.to_owned()
+        }
+    };
+    let sep = if query.is_empty() { "" } else { "?" };
+    let start = Request::post(format!("{base}/v2/{repo}/blobs/uploads/{sep}{query}"))
+        .header(header::CONTENT_LENGTH, "0")
+        .body(Full::new(Bytes::new()))?;
+    let mut locations = Vec::new();
+    let mut location =
+        expect_location(client.request(start).await?, StatusCode::ACCEPTED, "POST").await?;
+    locations.push(location.clone());
+    for (i, piece) in bytes.chunks(chunk).enumerate() {
+        let from = i * chunk;
+        let patch = Request::patch(absolute(&location))
+            .header(header::CONTENT_TYPE, "application/octet-stream")
+            .header(header::CONTENT_LENGTH, piece.len())
+            .header(
+                header::CONTENT_RANGE,
+                format!("{from}-{}", from + piece.len() - 1),
+            )
+            .body(Full::new(Bytes::copy_from_slice(piece)))?;
+        location = expect_location(
+            client.request(patch).await?,
+            StatusCode::ACCEPTED,
+            &format!("PATCH #{}", i + 1),
+        )
+        .await?;
+        locations.push(location.clone());
+    }
+    let url = absolute(&location);
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let put = Request::put(format!("{url}{sep}digest={digest}"))
+        .header(header::CONTENT_LENGTH, "0")
+        .body(Full::new(Bytes::new()))?;
+    let resp = client.request(put).await?;
+    if resp.status() != StatusCode::CREATED {
+        let status = resp.status();
+        let body = resp.into_body().collect().await?.to_bytes();
+        bail!(
+            "closing PUT to {url}: {status}: {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    Ok(ChunkedUpload { digest, locations })
+}
+
+/// The `Location` of a response that must have status `want`.
+async fn expect_location(
+    resp: http::Response<hyper::body::Incoming>,
+    want: StatusCode,
+    what: &str,
+) -> Result<String> {
+    let status = resp.status();
+    let location = resp
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    if status != want {
+        let body = resp.into_body().collect().await?.to_bytes();
+        bail!("{what}: {status}: {}", String::from_utf8_lossy(&body));
+    }
+    location.with_context(|| format!("{what}: {status} without Location"))
+}
+
+/// `PUT` of a manifest to a full URL (which may carry a query, e.g. `?ns=`). Returns the
+/// digest the server reports.
+pub async fn put_manifest(url: &str, media_type: &str, bytes: &[u8]) -> Result<String> {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let put = Request::put(url)
         .header(header::CONTENT_TYPE, media_type)
         .header(header::CONTENT_LENGTH, bytes.len())
         .body(Full::new(Bytes::copy_from_slice(bytes)))?;
@@ -214,7 +301,24 @@ pub async fn push_manifest(
         .map(str::to_owned);
     if status != StatusCode::CREATED {
         let body = resp.into_body().collect().await?.to_bytes();
-        bail!("PUT manifest: {status}: {}", String::from_utf8_lossy(&body));
+        bail!("PUT {url}: {status}: {}", String::from_utf8_lossy(&body));
     }
-    digest.context("registry sent no Docker-Content-Digest")
+    digest.context("no Docker-Content-Digest in the answer")
+}
+
+/// Uploads a manifest (`PUT /v2/<repo>/manifests/<reference>`). Returns the digest the
+/// registry reports.
+pub async fn push_manifest(
+    registry_url: &str,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    bytes: &[u8],
+) -> Result<String> {
+    put_manifest(
+        &format!("{registry_url}/v2/{repo}/manifests/{reference}"),
+        media_type,
+        bytes,
+    )
+    .await
 }

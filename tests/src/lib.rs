@@ -32,6 +32,7 @@ pub mod proxy;
 pub mod registry;
 pub mod runtimes;
 pub mod skopeo;
+pub mod tls;
 
 use std::path::{Path, PathBuf};
 

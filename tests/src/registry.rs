@@ -41,7 +41,30 @@ pub struct RegistryBuilder {
     secret: Option<String>,
     htpasswd: Option<PathBuf>,
     s3: Option<S3Storage>,
+    tls: Option<RegistryTls>,
     ready_timeout: Duration,
+}
+
+/// `http.tls`: the registry serves HTTPS with this certificate (e.g. from
+/// [`crate::tls::TestCerts`]).
+#[derive(Debug, Clone)]
+pub struct RegistryTls {
+    /// PEM certificate chain.
+    pub cert_file: PathBuf,
+    /// PEM private key.
+    pub key_file: PathBuf,
+    /// The CA that issued it (PEM), trusted by the readiness probe.
+    pub ca_pem: Vec<u8>,
+}
+
+impl RegistryTls {
+    pub fn from_certs(certs: &crate::tls::TestCerts) -> RegistryTls {
+        RegistryTls {
+            cert_file: certs.cert_file(),
+            key_file: certs.key_file(),
+            ca_pem: certs.ca_pem().to_vec(),
+        }
+    }
 }
 
 /// `storage.s3` for a registry on S3-compatible object storage (e.g. [`crate::garage`]),
@@ -85,6 +108,7 @@ impl Default for RegistryBuilder {
             secret: None,
             htpasswd: None,
             s3: None,
+            tls: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
         }
     }
@@ -133,6 +157,12 @@ impl RegistryBuilder {
         self
     }
 
+    /// Serves HTTPS (`http.tls`) instead of plain HTTP; [`Registry::url`] is then `https://`.
+    pub fn tls(mut self, tls: RegistryTls) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Overrides how long start and restart wait for `GET /v2/` (default 20 s).
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
         self.ready_timeout = timeout;
@@ -169,6 +199,7 @@ impl RegistryBuilder {
             secret,
             htpasswd: self.htpasswd,
             s3: self.s3,
+            tls: self.tls,
             addr: SocketAddr::new(self.ip, 0),
             ready_timeout: self.ready_timeout,
             child: None,
@@ -213,6 +244,7 @@ pub struct Registry {
     secret: String,
     htpasswd: Option<PathBuf>,
     s3: Option<S3Storage>,
+    tls: Option<RegistryTls>,
     addr: SocketAddr,
     config_path: PathBuf,
     stdout_path: PathBuf,
@@ -241,15 +273,18 @@ impl Registry {
             secret: Some(self.secret.clone()),
             htpasswd: self.htpasswd.clone(),
             s3: self.s3.clone(),
+            tls: self.tls.clone(),
             ready_timeout: self.ready_timeout,
         }
         .start()
         .await
     }
 
-    /// `http://127.0.0.1:PORT`, without a trailing slash.
+    /// `http://127.0.0.1:PORT` (`https://` with [`RegistryBuilder::tls`]), without a
+    /// trailing slash.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -367,6 +402,18 @@ impl Registry {
             // Quoted: an all-digit secret would otherwise become a YAML number.
             secret = quote(&self.secret),
         );
+        if let Some(tls) = &self.tls {
+            let path = |p: &Path| {
+                p.to_str()
+                    .map(quote)
+                    .with_context(|| format!("{} is not UTF-8", p.display()))
+            };
+            config.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                path(&tls.cert_file)?,
+                path(&tls.key_file)?
+            ));
+        }
         if let Some(htpasswd) = &self.htpasswd {
             let path = htpasswd.to_str().context("htpasswd path is not UTF-8")?;
             config.push_str(&format!(
@@ -429,7 +476,11 @@ impl Registry {
                     file_tail(&self.stderr_path, 2048)
                 );
             }
-            let last_error = match http_get(&url, Duration::from_secs(2)).await {
+            let probe = match &self.tls {
+                None => http_get(&url, Duration::from_secs(2)).await,
+                Some(tls) => https_get(&url, &tls.ca_pem, Duration::from_secs(2)).await,
+            };
+            let last_error = match probe {
                 Ok(response) if response.status == StatusCode::OK => return Ok(()),
                 // With htpasswd auth, an anonymous GET /v2/ answers 401 once the server is up.
                 Ok(response)
@@ -466,6 +517,24 @@ impl Drop for Registry {
             }
         }
     }
+}
+
+/// `GET` over HTTPS trusting only `ca_pem`, for the readiness probe of a TLS registry.
+async fn https_get(
+    url: &str,
+    ca_pem: &[u8],
+    timeout: Duration,
+) -> Result<crate::net::HttpResponse> {
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(crate::tls::client_config(ca_pem, &[b"http/1.1"])?)
+        .timeout(timeout)
+        .build()?;
+    let resp = client.get(url).send().await?;
+    Ok(crate::net::HttpResponse {
+        status: resp.status(),
+        headers: resp.headers().clone(),
+        body: resp.bytes().await?,
+    })
 }
 
 fn append(path: &Path) -> Result<File> {
