@@ -9,7 +9,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use shoal_proto::msg::{NodeId, PeerMsg};
 use tokio::sync::watch;
@@ -81,6 +81,13 @@ pub(crate) async fn accept_loop(inner: Arc<PeerInner>) {
                 if inner.control.is_refused_certificate(&node, &cert.serial) {
                     warn!(peer = %node, serial = %cert.serial, "refused node connected; closed");
                     conn.close(code::REFUSED, b"refused");
+                    return;
+                }
+                // The verifier's clock has whole seconds: it accepts a certificate during the
+                // second of its `not_after`, when connections with it end.
+                if SystemTime::now() >= cert.not_after {
+                    debug!(peer = %node, "peer certificate at its end; closed");
+                    conn.close(code::EXPIRED, b"certificate expired");
                     return;
                 }
                 {
@@ -163,6 +170,10 @@ impl PeerInner {
         if self.control.is_refused_certificate(node, &cert.serial) {
             conn.close(code::REFUSED, b"refused");
             return Err(ConnectError::Refused(node.clone()));
+        }
+        if SystemTime::now() >= cert.not_after {
+            conn.close(code::EXPIRED, b"certificate expired");
+            return Err(failed("the peer's certificate expired".into()));
         }
         lock(&self.conns).insert(node.clone(), conn.clone());
         debug!(peer = %node, %addr, "connected to peer");

@@ -170,6 +170,12 @@ async fn connection(
             return Err(format!("{node}: revoked"));
         }
     }
+    // The verifier's clock has whole seconds: in the second of `not_after` it still accepts
+    // what a session ends with at that moment.
+    if SystemTime::now() >= info.not_after {
+        conn.close(3u32.into(), b"certificate expired");
+        return Err(format!("{node}: certificate expired"));
+    }
     let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
         .await
         .map_err(|_| format!("{node}: no stream"))?
@@ -232,6 +238,9 @@ async fn connection(
             }
         }
         let _ = send.finish();
+        // Until the agent has the last frames (a refusal says why the session ends): closing
+        // the connection before that would discard them.
+        let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
     });
 
     let mut last_renewal: Option<Instant> = None;
