@@ -772,7 +772,9 @@ fn looks_like_manifest(bytes: &[u8]) -> bool {
         #[serde(rename = "schemaVersion")]
         _schema_version: u32,
     }
-    serde_json::from_slice::<Probe>(bytes).is_ok()
+    // An object: serde would also read a struct from a JSON array.
+    bytes.trim_ascii_start().first() == Some(&b'{')
+        && serde_json::from_slice::<Probe>(bytes).is_ok()
 }
 
 fn sniff_media_type(bytes: &[u8]) -> String {
