@@ -66,6 +66,7 @@ pub struct Metrics {
     cluster_nodes: Gauge,
     cluster_locates: Counter,
     cluster_origin_slots: Counter,
+    cluster_manifests_asked: Counter,
     cluster_bad_peer_reports: Counter,
     cluster_enrollments: Family<ResultLabel, Counter>,
     cluster_renewals: Family<ResultLabel, Counter>,
@@ -102,6 +103,7 @@ impl Metrics {
             cluster_nodes: Gauge::default(),
             cluster_locates: Counter::default(),
             cluster_origin_slots: Counter::default(),
+            cluster_manifests_asked: Counter::default(),
             cluster_bad_peer_reports: Counter::default(),
             cluster_enrollments: Family::default(),
             cluster_renewals: Family::default(),
@@ -175,6 +177,11 @@ impl Metrics {
             "cluster_origin_slots_granted",
             "Origin slots granted to agents (in locate answers and later grants)",
             m.cluster_origin_slots.clone(),
+        );
+        registry.register(
+            "cluster_manifests_asked",
+            "Holders asked for a blob's piece manifest (after the blob's swarm moved here)",
+            m.cluster_manifests_asked.clone(),
         );
         registry.register(
             "cluster_bad_peer_reports",
@@ -277,6 +284,10 @@ impl Metrics {
 
     pub fn cluster_origin_slot(&self) {
         self.cluster_origin_slots.inc();
+    }
+
+    pub fn cluster_manifest_asked(&self) {
+        self.cluster_manifests_asked.inc();
     }
 
     pub fn cluster_bad_peer_report(&self) {

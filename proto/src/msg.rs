@@ -482,6 +482,13 @@ pub enum CoordMsg {
     RefusedSerials {
         serials: Vec<Serial>,
     },
+    /// Asks an agent holding the whole blob for the anchored manifest it kept (computed when
+    /// it committed the blob). Sent when the blob's swarm moved to this coordinator (another
+    /// one failed, or this one restarted) and nothing here knows its pieces; the agent answers
+    /// with [`AgentMsg::PublishManifest`] if it still has it, and says nothing otherwise.
+    ManifestWanted {
+        digest: Digest,
+    },
 }
 
 /// Why a peer does not serve a request.
@@ -630,6 +637,7 @@ impl Message for CoordMsg {
                 at_most("refused serials", serials.len(), MAX_REFUSED_SERIALS)
             }
             CoordMsg::Welcome { .. }
+            | CoordMsg::ManifestWanted { .. }
             | CoordMsg::OriginSlot { .. }
             | CoordMsg::Bye
             | CoordMsg::Renewed { .. } => Ok(()),

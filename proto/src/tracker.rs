@@ -32,6 +32,9 @@ use crate::piece::Bitmap;
 use crate::rng::Rng;
 use crate::time::Time;
 
+/// Holders asked in turn for a blob's manifest before the origin is read again instead.
+pub const MAX_MANIFEST_ASKS: usize = 3;
+
 /// Tracker settings; the defaults suit a cluster on one LAN.
 #[derive(Clone, Debug)]
 pub struct TrackerConfig {
@@ -52,6 +55,10 @@ pub struct TrackerConfig {
     pub quarantine: Duration,
     /// Anchored manifests kept (oldest dropped first).
     pub max_manifests: usize,
+    /// How long a holder asked for a blob's manifest ([`CoordMsg::ManifestWanted`]) gets to
+    /// answer before another holder is asked or, after [`MAX_MANIFEST_ASKS`], the origin slot
+    /// is granted after all. Downloaders wait in line meanwhile.
+    pub manifest_wait: Duration,
     /// Seed of the tracker's RNG (tie-breaks between equally good peers).
     pub seed: u64,
 }
@@ -67,6 +74,7 @@ impl Default for TrackerConfig {
             reports_to_quarantine: 2,
             quarantine: Duration::from_secs(600),
             max_manifests: 10_000,
+            manifest_wait: Duration::from_secs(2),
             seed: 0,
         }
     }
@@ -138,6 +146,9 @@ struct Blob {
     /// anchored manifest.
     publishers: BTreeSet<NodeId>,
     provisional: Option<Provisional>,
+    /// Holders asked for the manifest, and until when the last one may answer.
+    manifest_asks: Vec<NodeId>,
+    manifest_until: Option<Time>,
 }
 
 impl Blob {
@@ -390,6 +401,7 @@ impl Tracker {
     ) -> Result<LocateReply, TrackerError> {
         self.touch(node, now)?;
         let asker_zone = self.nodes[node].zone.clone();
+        let manifest_pending = self.ask_for_manifest(digest, now);
         let b = self.blobs.entry(digest.clone()).or_default();
         let complete = b.holders.get(node).is_some_and(|h| h.complete);
         if !complete {
@@ -448,7 +460,10 @@ impl Tracker {
                 .any(|(n, h)| h.complete && self.nodes.get(n).is_some_and(|i| !i.quarantined(now)));
         let mut origin = b.seeders.iter().any(|s| &s.node == node);
         if !origin && want_origin && !complete {
-            if b.seeders.len() < self.config.origin_slots_per_blob && !has_complete {
+            if b.seeders.len() < self.config.origin_slots_per_blob
+                && !has_complete
+                && !manifest_pending
+            {
                 b.seeders.push(Seeder {
                     node: node.clone(),
                     last_progress: now,
@@ -674,6 +689,8 @@ impl Tracker {
         let digest = manifest.digest().clone();
         if let Some(b) = self.blobs.get_mut(&digest) {
             b.provisional = None;
+            b.manifest_asks.clear();
+            b.manifest_until = None;
         }
         if self.manifests.insert(digest.clone(), manifest).is_none() {
             self.manifest_order.push_back(digest);
@@ -775,6 +792,52 @@ impl Tracker {
     }
 
     /// Takes `node`'s slot for `digest` and gives it to the next agent in line.
+    /// Whether a holder was asked for `digest`'s manifest and may still answer; asks one (the
+    /// next not asked yet, up to [`MAX_MANIFEST_ASKS`]) when none is pending and the blob has
+    /// holders but nothing here knows its pieces. See [`Tracker::handle_publish_manifest`].
+    fn ask_for_manifest(&mut self, digest: &Digest, now: Time) -> bool {
+        if self.manifests.contains_key(digest) {
+            return false;
+        }
+        let Some(b) = self.blobs.get_mut(digest) else {
+            return false;
+        };
+        if b.provisional.is_some() {
+            b.manifest_until = None;
+            return false;
+        }
+        if b.manifest_until.is_some_and(|t| now < t) {
+            return true;
+        }
+        b.manifest_until = None;
+        if b.manifest_asks.len() >= MAX_MANIFEST_ASKS {
+            return false;
+        }
+        let nodes = &self.nodes;
+        let Some(holder) = b
+            .holders
+            .iter()
+            .filter(|(n, h)| {
+                h.complete
+                    && !b.manifest_asks.contains(n)
+                    && nodes.get(*n).is_some_and(|i| !i.quarantined(now))
+            })
+            .map(|(n, _)| n.clone())
+            .next()
+        else {
+            return false;
+        };
+        b.manifest_asks.push(holder.clone());
+        b.manifest_until = Some(now + self.config.manifest_wait);
+        self.out.push_back((
+            holder,
+            CoordMsg::ManifestWanted {
+                digest: digest.clone(),
+            },
+        ));
+        true
+    }
+
     fn revoke(&mut self, digest: &Digest, node: &NodeId, now: Time) {
         let Some(b) = self.blobs.get_mut(digest) else {
             return;
@@ -819,7 +882,7 @@ impl Tracker {
             && b.holders
                 .iter()
                 .any(|(n, h)| h.complete && self.nodes.get(n).is_some_and(|i| !i.quarantined(now)));
-        if has_complete {
+        if has_complete || b.manifest_until.is_some_and(|t| now < t) {
             return;
         }
         let mut granted = Vec::new();
@@ -889,6 +952,17 @@ impl Tracker {
                 }
             }
         }
+        let unanswered: Vec<Digest> = self
+            .blobs
+            .iter()
+            .filter(|(_, b)| b.manifest_until.is_some_and(|t| t <= now))
+            .map(|(d, _)| d.clone())
+            .collect();
+        for d in unanswered {
+            if !self.ask_for_manifest(&d, now) {
+                self.grant_waiting(&d, None, now);
+            }
+        }
         for (d, n) in stalled {
             // Only worth moving when someone else can take it.
             let b = &self.blobs[&d];
@@ -920,7 +994,7 @@ impl Tracker {
                 .iter()
                 .filter(|_| !b.waiting.is_empty())
                 .map(|s| s.last_progress + self.config.seeder_stall);
-            holders.chain(seeders)
+            holders.chain(seeders).chain(b.manifest_until)
         });
         nodes.chain(blobs).min()
     }
@@ -1082,18 +1156,42 @@ mod tests {
             partial: vec![],
         };
         tr.handle_announce(&id("liar"), &claim, t(0)).unwrap();
+        // The claimant is asked for the manifest it should have kept; the line waits for its
+        // answer, for a while.
         let r = tr
             .handle_locate(&id("a"), 0, &digest(), true, t(1))
             .unwrap();
-        assert!(r.origin, "no slot while only an unverifiable claim exists");
+        assert!(
+            !r.origin,
+            "the holder gets a chance to publish the manifest first"
+        );
         assert!(r.peers.iter().any(|p| p.node == id("liar")));
+        assert_eq!(
+            drain(&mut tr),
+            vec![(id("liar"), CoordMsg::ManifestWanted { digest: digest() })]
+        );
+        let wait = tr.config().manifest_wait;
+        assert_eq!(tr.poll_timeout(), Some(t(1) + wait));
+        tr.poll_expire(t(1) + wait);
+        let granted = drain(&mut tr);
+        assert!(
+            granted
+                .iter()
+                .any(|(n, m)| *n == id("a")
+                    && matches!(m, CoordMsg::OriginSlot { granted: true, .. })),
+            "no answer: the slot is granted after all, {granted:?}"
+        );
+        // Asked once; no second holder to ask, so nothing holds the origin back any more.
+        let later = t(1) + wait + Duration::from_millis(1);
         let r = tr
-            .handle_locate(&id("b"), 0, &digest(), true, t(1))
+            .handle_locate(&id("b"), 0, &digest(), true, later)
             .unwrap();
         assert!(!r.origin);
-        tr.handle_announce(&id("liar"), &claim, t(2)).unwrap();
+        assert!(drain(&mut tr).is_empty());
+        tr.handle_announce(&id("liar"), &claim, later).unwrap();
         // The seeder gives up: b, still in line, gets the slot.
-        tr.handle_release_origin(&id("a"), &digest(), t(3)).unwrap();
+        tr.handle_release_origin(&id("a"), &digest(), later)
+            .unwrap();
         let granted: Vec<(NodeId, CoordMsg)> = std::iter::from_fn(|| tr.poll_transmit()).collect();
         assert!(
             granted
@@ -1467,6 +1565,57 @@ mod tests {
             Err(TrackerError::NotSeeder { .. })
         ));
         assert_eq!(tr.seeders(&digest()), vec![id("s")]);
+    }
+
+    #[test]
+    fn a_holder_is_asked_for_the_manifest_before_anyone_reads_the_origin_again() {
+        let mut tr = Tracker::new(TrackerConfig::default());
+        for n in ["h1", "h2", "d"] {
+            hello(&mut tr, n, "", t(0));
+        }
+        let complete = Announce {
+            complete: vec![digest()],
+            partial: vec![],
+        };
+        tr.handle_announce(&id("h1"), &complete, t(0)).unwrap();
+        tr.handle_announce(&id("h2"), &complete, t(0)).unwrap();
+        let r = tr
+            .handle_locate(&id("d"), 0, &digest(), true, t(1))
+            .unwrap();
+        assert!(!r.origin);
+        assert_eq!(
+            drain(&mut tr),
+            vec![(id("h1"), CoordMsg::ManifestWanted { digest: digest() })]
+        );
+        // h1 does not answer (it lost the manifest): h2 is asked next.
+        let wait = tr.config().manifest_wait;
+        tr.poll_expire(t(1) + wait);
+        assert_eq!(
+            drain(&mut tr),
+            vec![(id("h2"), CoordMsg::ManifestWanted { digest: digest() })]
+        );
+        let manifest =
+            PieceManifest::new(digest(), MIN_PIECE_LEN, MIN_PIECE_LEN, vec![[7; 32]]).unwrap();
+        tr.handle_publish_manifest(&id("h2"), manifest.clone(), t(2) + wait)
+            .unwrap();
+        let sent = drain(&mut tr);
+        assert_eq!(
+            sent,
+            vec![(
+                id("d"),
+                CoordMsg::Hashes(PieceHashes {
+                    digest: digest(),
+                    size: MIN_PIECE_LEN,
+                    piece_len: MIN_PIECE_LEN,
+                    entries: vec![(0, [7; 32])],
+                })
+            )]
+        );
+        // Nobody reads the origin: the whole copies can be checked now.
+        tr.poll_expire(t(3) + wait * 2);
+        assert!(drain(&mut tr).is_empty());
+        assert!(tr.seeders(&digest()).is_empty());
+        assert_eq!(tr.manifest(&digest()), Some(&manifest));
     }
 
     #[test]

@@ -501,6 +501,9 @@ pub mod samples {
                 reason: "unsupported version".into(),
             },
             CoordMsg::Bye,
+            CoordMsg::ManifestWanted {
+                digest: Digest::sha256_of(b"wanted"),
+            },
             CoordMsg::Renewed {
                 leaf: CertDer::new(vec![1; 600]).unwrap(),
                 ca: CertDer::new(vec![2; 500]).unwrap(),
@@ -632,7 +635,7 @@ mod tests {
         let frames = samples::frames();
         for (kinds, variants) in [
             (&[Kind::AgentToCoordinator][..], 12),
-            (&[Kind::CoordinatorToAgent][..], 10),
+            (&[Kind::CoordinatorToAgent][..], 11),
             (&[Kind::Peer, Kind::PieceData][..], 6),
         ] {
             let seen: std::collections::BTreeSet<u8> = frames

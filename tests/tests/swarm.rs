@@ -501,6 +501,21 @@ async fn killing_the_coordinator_that_owns_the_image_mid_pull_leaves_every_pull_
             "the surviving coordinator {} answered no locate: did the swarm move to it?",
             names[survivor]
         );
+        let asked = match cluster.coordinator(survivor) {
+            Some(c) => {
+                c.metric_sum("shoal_coordinator_cluster_manifests_asked_total", &[])
+                    .await?
+            }
+            None => 0.0,
+        };
+        eprintln!("{} asked holders for {asked} manifests", names[survivor]);
+        // The survivor learns the pieces from the holders (their kept manifests, the slot
+        // holders' hashes) instead of sending a second reader to the origin: about one copy.
+        ensure!(
+            ratio(served, &image) <= 1.25,
+            "the origin served {:.3}x the image across the failover",
+            ratio(served, &image)
+        );
         cluster.check_stores()?;
         Ok(())
     })

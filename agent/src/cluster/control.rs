@@ -316,6 +316,7 @@ async fn session(
             serial: serial.clone(),
             tx,
             pending,
+            conn: conn.clone(),
         });
     }
     info!(coordinator = %name, remote = %conn.remote_address(), serial = %serial, "control channel up");
@@ -452,6 +453,7 @@ fn handle(inner: &Inner, idx: usize, msg: CoordMsg) -> Option<String> {
         }
         CoordMsg::OriginSlot { ref digest, .. } => inner.dispatch(&digest.clone(), msg),
         CoordMsg::Hashes(ref h) => inner.dispatch(&h.digest.clone(), msg),
+        CoordMsg::ManifestWanted { digest } => inner.answer_manifest(idx, &digest),
         CoordMsg::RefusedNodes { nodes } => {
             debug!(coordinator = %inner.links[idx].addr.name, count = nodes.len(), "refused nodes updated");
             inner.refused.set_nodes(idx, nodes);

@@ -21,6 +21,7 @@ pub mod config;
 mod control;
 mod enroll;
 mod identity;
+mod manifests;
 pub mod tls;
 
 use std::collections::{HashMap, HashSet};
@@ -182,7 +183,13 @@ struct Session {
     serial: String,
     tx: mpsc::UnboundedSender<AgentMsg>,
     pending: HashMap<u32, oneshot::Sender<LocateReply>>,
+    /// The session's connection: its datagram count tells a silent coordinator from a slow one.
+    conn: quinn::Connection,
 }
+
+/// A locate unanswered for this long, over a connection that received no datagram at all
+/// meanwhile (not even the acknowledgement of the request), means the coordinator is gone.
+const SILENT_COORDINATOR: Duration = Duration::from_millis(500);
 
 /// One configured coordinator and the session with it, if up.
 struct Link {
@@ -222,6 +229,8 @@ pub(crate) struct Inner {
     subs: Mutex<HashMap<Digest, Vec<mpsc::UnboundedSender<CoordMsg>>>>,
     load: AtomicU32,
     inventory: RwLock<Option<Inventory>>,
+    /// Manifests of blobs committed from the swarm, for coordinators that ask.
+    kept: Mutex<manifests::KeptManifests>,
     next_req: AtomicU32,
     /// Answers to `Renew`, from whichever session received them.
     renewals: Mutex<Option<mpsc::UnboundedSender<CoordMsg>>>,
@@ -355,6 +364,7 @@ impl Cluster {
             subs: Mutex::new(HashMap::new()),
             load: AtomicU32::new(0),
             inventory: RwLock::new(None),
+            kept: Mutex::new(manifests::KeptManifests::new(manifests::MAX_KEPT_HASHES)),
             next_req: AtomicU32::new(1),
             renewals: Mutex::new(None),
             cancel: CancellationToken::new(),
@@ -494,6 +504,22 @@ impl Cluster {
         if !self.inner.send_for(digest, msg) {
             tracing::debug!(%digest, "no coordinator up; control message dropped");
         }
+    }
+
+    /// Keeps the anchored manifest of a blob this node committed, so that a coordinator taking
+    /// the blob's swarm over can ask for it.
+    pub fn keep_manifest(&self, manifest: shoal_proto::manifest::PieceManifest) {
+        self.inner
+            .kept
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(manifest);
+    }
+
+    /// Index (in the configured list) of the coordinator that answers for `digest` now: the
+    /// first in its rendezvous order whose session is up.
+    pub fn owner_of(&self, digest: &Digest) -> Option<usize> {
+        self.inner.owner(digest)
     }
 
     /// Coordinator messages about `digest` (`OriginSlot`, `Hashes`) from now on.
@@ -658,28 +684,36 @@ impl Inner {
             .filter(|&i| self.links[i].is_up())
             .collect();
         let mut left = order.len();
-        for idx in order {
+        for (attempt, idx) in order.into_iter().enumerate() {
+            // A coordinator asked because the blob's owner did not answer knows nothing of the
+            // blob yet (its holders still announce to the owner): an origin slot from it would
+            // send a second reader to the origin. The slot is asked for again once the owner's
+            // session is down and this coordinator owns the blob.
+            let want_origin = want_origin && attempt == 0;
             let req = self.next_req.fetch_add(1, Ordering::Relaxed);
             let (tx, rx) = oneshot::channel();
+            let sent_at = tokio::time::Instant::now();
             let sent = {
                 let mut s = self.links[idx].session();
                 match s.as_mut() {
                     Some(s) => {
                         s.pending.insert(req, tx);
-                        s.tx.send(AgentMsg::Locate {
-                            req,
-                            digest: digest.clone(),
-                            want_origin,
-                        })
-                        .is_ok()
+                        let ok =
+                            s.tx.send(AgentMsg::Locate {
+                                req,
+                                digest: digest.clone(),
+                                want_origin,
+                            })
+                            .is_ok();
+                        ok.then(|| (s.conn.clone(), s.conn.stats().udp_rx.datagrams))
                     }
-                    None => false,
+                    None => None,
                 }
             };
             left -= 1;
-            if !sent {
+            let Some((conn, received)) = sent else {
                 continue;
-            }
+            };
             // Share what is left of the budget with the coordinators still to try, so a
             // silent owner cannot use it all.
             let now = tokio::time::Instant::now();
@@ -699,6 +733,16 @@ impl Inner {
                         s.pending.remove(&req);
                     }
                     tracing::debug!(coordinator = %self.links[idx].addr.name, %digest, "locate timed out; trying the next coordinator");
+                    // Silence, rather than slowness: a coordinator that is up acknowledges the
+                    // request within a round trip. Ending the session now moves its blobs (and
+                    // this node's inventory) to the next coordinators at once, instead of
+                    // after the idle timeout, while other nodes still announce to it.
+                    let silent_for = tokio::time::Instant::now() - sent_at;
+                    if silent_for >= SILENT_COORDINATOR && conn.stats().udp_rx.datagrams == received
+                    {
+                        tracing::warn!(coordinator = %self.links[idx].addr.name, ?silent_for, "coordinator silent; ending its session");
+                        conn.close(0u32.into(), b"silent");
+                    }
                 }
             }
             if tokio::time::Instant::now() >= deadline {
@@ -748,6 +792,25 @@ impl Inner {
         a.complete.retain(|d| self.owner(d) == Some(idx));
         a.partial.retain(|p| self.owner(&p.digest) == Some(idx));
         Some(a)
+    }
+
+    /// Answers a coordinator's [`CoordMsg::ManifestWanted`] with the kept manifest, if any.
+    fn answer_manifest(&self, idx: usize, digest: &Digest) {
+        let kept = self
+            .kept
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(digest)
+            .cloned();
+        match kept {
+            Some(m) => {
+                tracing::debug!(coordinator = %self.links[idx].addr.name, %digest, "manifest asked for and sent");
+                self.links[idx].send(AgentMsg::PublishManifest(m));
+            }
+            None => {
+                tracing::debug!(coordinator = %self.links[idx].addr.name, %digest, "manifest asked for, not kept");
+            }
+        }
     }
 
     fn dispatch(&self, digest: &Digest, msg: CoordMsg) {

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use shoal_proto::Digest;
+use shoal_proto::manifest::PieceManifest;
 use shoal_proto::msg::{AgentMsg, Announce, CoordMsg, LocateReply, NodeId};
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::sync::watch;
@@ -60,6 +61,16 @@ pub trait Control: Send + Sync + 'static {
     fn set_load(&self, load: u32);
     /// What to announce when (re-)announcing.
     fn set_inventory(&self, f: Arc<dyn Fn() -> Announce + Send + Sync>);
+    /// Keeps the anchored manifest of a committed blob for coordinators that ask for it.
+    fn keep_manifest(&self, manifest: PieceManifest) {
+        let _ = manifest;
+    }
+    /// Which coordinator answers for `digest` now (an index; it changes when coordinators go
+    /// down or come back). `None` when unknown or none is up.
+    fn owner_of(&self, digest: &Digest) -> Option<usize> {
+        let _ = digest;
+        None
+    }
 }
 
 impl Control for crate::cluster::Cluster {
@@ -110,5 +121,11 @@ impl Control for crate::cluster::Cluster {
     }
     fn set_inventory(&self, f: Arc<dyn Fn() -> Announce + Send + Sync>) {
         crate::cluster::Cluster::set_inventory(self, f);
+    }
+    fn keep_manifest(&self, manifest: PieceManifest) {
+        crate::cluster::Cluster::keep_manifest(self, manifest);
+    }
+    fn owner_of(&self, digest: &Digest) -> Option<usize> {
+        crate::cluster::Cluster::owner_of(self, digest)
     }
 }

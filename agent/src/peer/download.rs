@@ -51,6 +51,10 @@ const HASH_BATCH_DELAY: Duration = Duration::from_millis(100);
 /// Locate again when fewer usable peers than this, at most this often.
 const FEW_PEERS: usize = 4;
 const RELOCATE_EVERY: Duration = Duration::from_secs(2);
+/// After the blob's swarm moved to another coordinator, how long an agent that never read
+/// the origin waits before locating there: the agent that did read it asks first, so that it
+/// keeps the slot and republishes its hashes there (and holders get asked for the manifest).
+const RELOCATE_AFTER_MOVE: Duration = Duration::from_secs(1);
 /// How long a blob whose swarm download failed verification is read from the origin
 /// directly.
 const DISTRUST: Duration = Duration::from_secs(600);
@@ -227,6 +231,8 @@ pub(crate) async fn run(
         size_asked: false,
         locating: false,
         last_locate: t0,
+        owner: control.owner_of(digest),
+        relocate_at: None,
         last_progress: None,
         last_have: 0,
         stuck_since: t0,
@@ -329,6 +335,10 @@ struct Download<'a> {
     size_asked: bool,
     locating: bool,
     last_locate: Instant,
+    /// The coordinator that answered for the blob at the last locate.
+    owner: Option<usize>,
+    /// When to locate at the blob's new coordinator (see [`RELOCATE_AFTER_MOVE`]).
+    relocate_at: Option<Instant>,
     last_progress: Option<Instant>,
     last_have: u32,
     /// Since when no piece arrived while pieces are missing.
@@ -650,6 +660,8 @@ impl Download<'_> {
         }
         self.locating = true;
         self.last_locate = Instant::now();
+        self.owner = self.inner.control.owner_of(&self.digest);
+        self.relocate_at = None;
         let (inner, digest, tx) = (self.inner.clone(), self.digest.clone(), self.tx.clone());
         tokio::spawn(async move {
             let r = inner.control.locate(&digest, true).await;
@@ -1034,7 +1046,28 @@ impl Download<'_> {
             }
         }
         if !self.swarm.is_complete() {
-            if self.swarm.usable_peers() < FEW_PEERS && now - self.last_locate >= RELOCATE_EVERY {
+            let owner = self.inner.control.owner_of(&self.digest);
+            if owner.is_some() && owner != self.owner && !self.locating {
+                let read_origin = self.slot || self.ever_slot;
+                let due = *self.relocate_at.get_or_insert_with(|| {
+                    info!(
+                        read_origin,
+                        "the blob's coordinator changed; locating there"
+                    );
+                    if read_origin {
+                        now
+                    } else {
+                        now + RELOCATE_AFTER_MOVE
+                    }
+                });
+                if now >= due {
+                    self.locate();
+                }
+            }
+            if self.relocate_at.is_none()
+                && self.swarm.usable_peers() < FEW_PEERS
+                && now - self.last_locate >= RELOCATE_EVERY
+            {
                 self.locate();
             }
             let stuck = now - self.stuck_since;
@@ -1182,6 +1215,7 @@ impl Download<'_> {
                 partial: vec![],
             }),
         );
+        control.keep_manifest(manifest.clone());
         if self.ever_slot {
             control.send(&self.digest, AgentMsg::PublishManifest(manifest));
         }

@@ -499,8 +499,13 @@ pub(super) async fn run_tracker(
             () = cancel.cancelled() => break,
         }
         while let Some((node, msg)) = tracker.poll_transmit() {
-            if let CoordMsg::OriginSlot { granted: true, .. } = &msg {
-                metrics.cluster_origin_slot();
+            match &msg {
+                CoordMsg::OriginSlot { granted: true, .. } => metrics.cluster_origin_slot(),
+                CoordMsg::ManifestWanted { digest } => {
+                    debug!(node = %node, %digest, "asking a holder for the blob's manifest");
+                    metrics.cluster_manifest_asked();
+                }
+                _ => {}
             }
             if let Some(s) = sessions.get(&node) {
                 let _ = s.tx.send(msg);

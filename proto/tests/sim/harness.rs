@@ -633,7 +633,8 @@ impl Sim {
             | CoordMsg::Renewed { .. }
             | CoordMsg::RenewRefused { .. }
             | CoordMsg::RefusedNodes { .. }
-            | CoordMsg::RefusedSerials { .. } => {}
+            | CoordMsg::RefusedSerials { .. }
+            | CoordMsg::ManifestWanted { .. } => {}
         }
         self.drive(i);
     }
