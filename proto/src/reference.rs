@@ -447,7 +447,9 @@ mod tests {
             Tag::parse(&"t".repeat(129)),
             Err(ReferenceError::TagTooLong)
         );
-        for bad in ["", ".hidden", "-x", "a/b", "a:b", "a\0", "a%20", "..", "ü"] {
+        for bad in [
+            "", ".hidden", "-x", "a/b", "a:b", "a\0", "a%20", "..", "ü", "a\\b", "%2e%2e", "a\nb",
+        ] {
             assert!(Tag::parse(bad).is_err(), "{bad:?}");
         }
     }
@@ -487,6 +489,13 @@ mod tests {
             "[zz]",
             "a:1:2",
             "a\0.com",
+            "..",
+            "%2e%2e",
+            "a%2e.com",
+            "a\\b.com",
+            "a.com\\",
+            "a.com:50\0",
+            &"a".repeat(256),
         ] {
             assert!(RegistryHost::parse(bad).is_err(), "{bad:?}");
         }
@@ -511,6 +520,22 @@ mod tests {
         assert!(Reference::parse("x@sha256:abc").is_err());
         assert!(Reference::parse("host.io/../x").is_err());
         assert!(Reference::parse("a:b:c").is_err());
+        for bad in [
+            "host.io/%2e%2e/x",
+            "host.io/a/%2e%2e",
+            "host.io/a\\b",
+            "host.io\\a/b",
+            "host.io/a\0b",
+            "a/b\0:t",
+            "a/b:t\0",
+            "../a",
+            "a/./b",
+            "a//b",
+            "/a",
+            "a/",
+        ] {
+            assert!(Reference::parse(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
