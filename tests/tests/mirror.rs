@@ -509,6 +509,24 @@ async fn hostile_requests_get_clear_errors_and_never_reach_upstream() -> Result<
                 "NAME_INVALID",
             ),
             (
+                "GET /v2/a%00b/manifests/v1".into(),
+                vec![],
+                400,
+                "NAME_INVALID",
+            ),
+            (
+                "GET /v2/a%5Cb/manifests/v1".into(),
+                vec![],
+                400,
+                "NAME_INVALID",
+            ),
+            (
+                "GET /v2/a/manifests/v1%00".into(),
+                vec![],
+                400,
+                "MANIFEST_INVALID",
+            ),
+            (
                 "GET /v2/a/manifests/..%2f..%2fetc".into(),
                 vec![],
                 400,
@@ -783,6 +801,24 @@ async fn tags_are_revalidated_with_head_and_moves_are_seen() -> Result<()> {
         ensure!(
             proxy.count(&http::Method::GET, is_tag) == 1,
             "moved tag must be fetched once"
+        );
+        agent.stop().await?;
+
+        // Within the tag cache's lifetime a tag is answered without asking upstream at all.
+        let mut opts = AgentOptions::new(&proxy.url());
+        opts.tag_cache_ttl = Duration::from_secs(600);
+        let agent = TestAgent::start_with(opts).await?;
+        pull(&agent, "shoal/app:latest").await?;
+        proxy.reset();
+        verify_layout(
+            &pull(&agent, "shoal/app:latest").await?.path().join("oci"),
+            &v2,
+        )?;
+        let asked =
+            proxy.count(&http::Method::HEAD, is_tag) + proxy.count(&http::Method::GET, is_tag);
+        ensure!(
+            asked == 0,
+            "a cached tag was asked upstream {asked} times within its TTL"
         );
         agent.stop().await
     })
