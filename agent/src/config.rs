@@ -178,6 +178,8 @@ struct FileUpstream {
     #[serde(default, with = "humantime_serde::option")]
     idle_timeout: Option<Duration>,
     max_retries: Option<u32>,
+    #[serde(default, with = "humantime_serde::option")]
+    unreachable_hold: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -420,6 +422,7 @@ fn build(file: FileConfig, ov: &Overrides, base: Option<&Path>) -> Result<Config
             connect_timeout: None,
             idle_timeout: None,
             max_retries: None,
+            unreachable_hold: None,
         };
         let u =
             build_upstream(u, base).map_err(|e| invalid(format!("--upstream {spec:?}: {e}")))?;
@@ -730,6 +733,9 @@ fn build_upstream(u: FileUpstream, base: Option<&Path>) -> Result<UpstreamConfig
         connect_timeout: u.connect_timeout.unwrap_or(Duration::from_secs(5)),
         idle_timeout: u.idle_timeout.unwrap_or(Duration::from_secs(30)),
         max_retries: u.max_retries.unwrap_or(4),
+        unreachable_hold: u
+            .unreachable_hold
+            .unwrap_or(crate::upstream::UNREACHABLE_HOLD),
     })
 }
 

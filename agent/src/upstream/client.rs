@@ -2,7 +2,7 @@
 //! retry loop around it.
 
 use std::future::Future;
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
@@ -200,7 +200,62 @@ impl Inner {
     }
 
     /// Runs `op` until it succeeds, fails for good, or the retry budget is spent.
+    ///
+    /// A URL found unreachable (every attempt of a request failed to connect) is not tried
+    /// again for the upstream's `unreachable_hold` (5 s by default): requests meanwhile fail at
+    /// once, so that a pull of an uncached blob fails fast, a tag is answered from the grace
+    /// copy at once, and a fallback URL is used at once, instead of each request waiting out
+    /// connect timeouts and backoff again. The first request after the hold tries again.
     pub(super) async fn with_retries<T, F, Fut>(&self, mut op: F) -> Result<T, UpstreamError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, UpstreamError>>,
+    {
+        if let Some(left) = self.unreachable_for() {
+            return Err(UpstreamError::Unreachable {
+                url: redact(&self.base),
+                reason: format!(
+                    "unreachable moments ago; not tried again for another {} ms",
+                    left.as_millis()
+                ),
+            });
+        }
+        let result = self.retry_loop(&mut op).await;
+        let mut until = self
+            .unreachable_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &result {
+            Err(UpstreamError::Unreachable { .. }) if !self.unreachable_hold.is_zero() => {
+                if until.is_none() {
+                    tracing::warn!(
+                        url = %redact(&self.base),
+                        hold_ms = u64::try_from(self.unreachable_hold.as_millis()).unwrap_or(u64::MAX),
+                        "upstream unreachable; failing its requests at once for a while"
+                    );
+                }
+                *until = Some(Instant::now() + self.unreachable_hold);
+            }
+            Ok(_) => {
+                if until.take().is_some() {
+                    tracing::info!(url = %redact(&self.base), "upstream reachable again");
+                }
+            }
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// How much longer this URL counts as unreachable, if it does.
+    fn unreachable_for(&self) -> Option<Duration> {
+        let until = (*self
+            .unreachable_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner))?;
+        until.checked_duration_since(Instant::now())
+    }
+
+    async fn retry_loop<T, F, Fut>(&self, op: &mut F) -> Result<T, UpstreamError>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, UpstreamError>>,

@@ -49,7 +49,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::Url;
 use shoal_proto::RegistryHost;
@@ -73,6 +73,9 @@ pub const DEFAULT_MAX_RETRIES: u32 = 4;
 pub const MAX_MANIFEST_SIZE: u64 = 4 * 1024 * 1024;
 /// Most redirects followed for one request.
 pub const MAX_REDIRECTS: usize = 5;
+/// How long a URL whose request could not connect at all (every attempt) is not tried again;
+/// its requests fail at once meanwhile.
+pub const UNREACHABLE_HOLD: Duration = Duration::from_secs(5);
 
 const USER_AGENT: &str = concat!("shoal-agent/", env!("CARGO_PKG_VERSION"));
 
@@ -101,6 +104,9 @@ pub struct UpstreamConfig {
     /// Retries after the first attempt of a request, and consecutive resume attempts without
     /// progress of a blob stream.
     pub max_retries: u32,
+    /// After a request could not connect at all, how long the URL's requests fail at once
+    /// (zero: never).
+    pub unreachable_hold: Duration,
 }
 
 impl UpstreamConfig {
@@ -117,6 +123,7 @@ impl UpstreamConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_retries: DEFAULT_MAX_RETRIES,
+            unreachable_hold: UNREACHABLE_HOLD,
         }
     }
 }
@@ -154,6 +161,9 @@ struct Inner {
     idle_timeout: Duration,
     max_retries: u32,
     backoff: Backoff,
+    /// Until when requests to this URL fail at once (see `Inner::with_retries`).
+    unreachable_until: Mutex<Option<Instant>>,
+    unreachable_hold: Duration,
 }
 
 impl fmt::Debug for Upstream {
@@ -331,6 +341,8 @@ impl Inner {
             idle_timeout: cfg.idle_timeout,
             max_retries: cfg.max_retries,
             backoff,
+            unreachable_until: Mutex::new(None),
+            unreachable_hold: cfg.unreachable_hold,
         })
     }
 }

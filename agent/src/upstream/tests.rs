@@ -776,6 +776,53 @@ async fn refused_connection_is_unreachable() {
 }
 
 #[tokio::test]
+async fn an_unreachable_url_fails_at_once_for_its_hold_then_is_tried_again() {
+    let addr = server::bind().await.local_addr().unwrap();
+    let mut cfg = config(&format!("http://{addr}"));
+    cfg.max_retries = 2;
+    cfg.unreachable_hold = Duration::from_millis(1500);
+    let up = upstream(cfg);
+    let err = within("first ping", up.ping()).await.unwrap_err();
+    assert!(err.is_unreachable(), "{err:?}");
+    // Something listens there now, but within the hold nobody asks it.
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let srv = Server::serve(listener, |_req: Seen| async move {
+        response(StatusCode::OK, &[], empty())
+    });
+    let started = Instant::now();
+    let err = within("ping within the hold", up.ping()).await.unwrap_err();
+    assert!(
+        err.is_unreachable() && err.to_string().contains("moments ago"),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_millis(500));
+    assert!(srv.seen().is_empty());
+    // After the hold, the URL is tried again, and it answers.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match within("ping after the hold", up.ping()).await {
+            Ok(()) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline && e.to_string().contains("moments ago"),
+                "{e:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(srv.seen().len(), 1);
+    // A hold of zero turns it off: every request tries.
+    let dead = server::bind().await.local_addr().unwrap();
+    let mut cfg = config(&format!("http://{dead}"));
+    cfg.max_retries = 0;
+    cfg.unreachable_hold = Duration::ZERO;
+    let up = upstream(cfg);
+    for _ in 0..2 {
+        let e = within("ping without hold", up.ping()).await.unwrap_err();
+        assert!(!e.to_string().contains("moments ago"), "{e:?}");
+    }
+}
+
+#[tokio::test]
 async fn an_unreachable_url_fails_over_to_the_next_and_stays_there() {
     let dead = server::bind().await.local_addr().unwrap();
     let blob = Bytes::from(random_bytes(100_000));
