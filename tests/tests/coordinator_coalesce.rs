@@ -284,3 +284,161 @@ async fn coordinator_coalesces_concurrent_heads_of_one_blob_apart_from_gets() ->
     })
     .await
 }
+
+/// What a client saw of one answer: status, the headers that describe the manifest, body.
+#[derive(PartialEq, Eq)]
+struct Seen {
+    status: u16,
+    content_type: Option<String>,
+    digest: Option<String>,
+    body: Vec<u8>,
+}
+
+impl std::fmt::Debug for Seen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Seen")
+            .field("status", &self.status)
+            .field("content_type", &self.content_type)
+            .field("digest", &self.digest)
+            .field("body", &String::from_utf8_lossy(&self.body))
+            .finish()
+    }
+}
+
+async fn seen(client: &reqwest::Client, url: &str, accept: Option<&str>) -> Result<Seen> {
+    let mut req = client.get(url);
+    if let Some(a) = accept {
+        req = req.header("accept", a);
+    }
+    let r = req.send().await?;
+    let header = |name: &str| {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let (content_type, digest) = (header("content-type"), header("docker-content-digest"));
+    Ok(Seen {
+        status: r.status().as_u16(),
+        content_type,
+        digest,
+        body: r.bytes().await?.to_vec(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coordinator_coalesces_manifest_gets_only_with_the_same_accept() -> Result<()> {
+    within(async {
+        require_coordinator_tools()?;
+        let registry = Registry::start().await?;
+        let image = TestImage::generate(&ImageSpec::new(vec![4096], 7), "v1")?;
+        Skopeo::push_image(
+            &image,
+            &format!("{}/accept/app:v1", registry.host_port()),
+            &CopyOptions::default(),
+        )
+        .await?;
+        let layer = image.layer_digests().first().cloned().context("a layer")?;
+        let proxy = Proxy::start(&registry.url()).await?;
+        let c = TestCoordinator::start(CoordinatorOptions::new(&[proxy.url()])).await?;
+        let client = c.client()?;
+        let oci = "application/vnd.oci.image.manifest.v1+json";
+        let docker = "application/vnd.docker.distribution.manifest.v2+json";
+        let path = format!("/v2/accept/app/manifests/{}", image.manifest_digest);
+
+        // What the registry itself answers for each Accept: the OCI manifest is only served
+        // to a client that accepts OCI manifests.
+        // (The coordinator's client speaks plain HTTP to the registry just as well.)
+        let direct = &client;
+        let want_oci = seen(direct, &format!("{}{path}", registry.url()), Some(oci)).await?;
+        let want_docker = seen(direct, &format!("{}{path}", registry.url()), Some(docker)).await?;
+        ensure!(want_oci.status == 200, "direct, OCI accepted: {want_oci:?}");
+        ensure!(
+            want_oci != want_docker,
+            "the registry answers both Accepts alike, so this test shows nothing: {want_docker:?}"
+        );
+
+        // One byte of each answer gets through, then the upstream bodies stop until released:
+        // every request below arrives while its flight is still open.
+        proxy.inject(&image.manifest_digest, Fault::StallAfter(1));
+        proxy.inject(&layer, Fault::StallAfter(1));
+        let url = c.url(&path);
+        let mut gets = Vec::new();
+        for i in 0..10 {
+            let (client, url) = (client.clone(), url.clone());
+            let accept = if i % 2 == 0 { oci } else { docker };
+            gets.push((
+                accept,
+                tokio::spawn(async move { seen(&client, &url, Some(accept)).await }),
+            ));
+        }
+        // Blobs do not depend on Accept: GETs with different ones still share one flight.
+        let blob_url = c.url(&format!("/v2/accept/app/blobs/{layer}"));
+        let blob_gets: Vec<_> = [
+            None,
+            Some("application/octet-stream"),
+            Some(oci),
+            Some("*/*"),
+        ]
+        .into_iter()
+        .map(|accept| {
+            let (client, url) = (client.clone(), blob_url.clone());
+            tokio::spawn(async move { seen(&client, &url, accept).await })
+        })
+        .collect();
+        // 5 + 5 manifest GETs in two flights (8 joined), 4 blob GETs in one (3 joined).
+        wait_until(
+            Duration::from_secs(20),
+            "every GET joined a flight",
+            || async { coalesced(&c).await >= 11.0 },
+        )
+        .await?;
+        proxy
+            .wait_for(
+                Duration::from_secs(20),
+                "the upstream bodies stalled",
+                |reqs| {
+                    let ours: Vec<_> = reqs
+                        .iter()
+                        .filter(|r| r.path.contains("/accept/app/"))
+                        .collect();
+                    ours.len() >= 2 && ours.iter().all(|r| r.body_bytes >= 1)
+                },
+            )
+            .await?;
+        proxy.release_stalls();
+        for (accept, g) in gets {
+            let got = g.await??;
+            let want = if accept == oci {
+                &want_oci
+            } else {
+                &want_docker
+            };
+            ensure!(
+                got == *want,
+                "Accept {accept}: the coordinator answered {got:?}, the registry {want:?}"
+            );
+        }
+        for g in blob_gets {
+            let got = g.await??;
+            ensure!(
+                got.status == 200 && sha256_digest(&got.body) == layer,
+                "blob: {got:?}"
+            );
+        }
+        let manifest_gets =
+            proxy.count(&http::Method::GET, |p| p.ends_with(&image.manifest_digest));
+        ensure!(
+            manifest_gets == 2,
+            "{manifest_gets} upstream GETs for 10 manifest GETs with 2 different Accepts"
+        );
+        ensure!(
+            proxy.blob_get_count(&layer) == 1,
+            "the blob GETs did not share a flight"
+        );
+        let n = coalesced(&c).await;
+        ensure!(n == 11.0, "{n} requests coalesced, 11 expected");
+        c.stop().await
+    })
+    .await
+}

@@ -56,6 +56,39 @@ pub struct FlightKey {
     pub manifest: bool,
     /// HEADs share a flight of their own (a HEAD answer has no body to give a GET).
     pub head: bool,
+    /// For manifests, the client's `Accept` as [`accept_key`] normalises it: a registry
+    /// answers a manifest by digest according to it (an OCI manifest or index asked for
+    /// without its media type accepted is a 404 from Distribution), so only requests that
+    /// accept the same types may share an answer. `None` for blobs, whose bytes do not
+    /// depend on it.
+    pub accept: Option<String>,
+}
+
+/// The media ranges of every `Accept` header in `headers`, in order, each with its type
+/// lowercased and the spaces around its parameters removed, joined by `,`. Equal keys come
+/// only from requests a registry cannot tell apart by `Accept`; requests that differ in
+/// spelling alone (case, spaces, one header or several) share a key. Order and parameters
+/// (`q=`) are kept, since a registry may use them to choose.
+pub fn accept_key(headers: &HeaderMap) -> String {
+    let mut ranges: Vec<String> = Vec::new();
+    for value in headers.get_all(http::header::ACCEPT) {
+        let text = String::from_utf8_lossy(value.as_bytes());
+        for range in text.split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let params: Vec<&str> = parts.filter(|p| !p.is_empty()).collect();
+            if media.is_empty() && params.is_empty() {
+                continue;
+            }
+            let mut range = media;
+            for p in params {
+                range.push(';');
+                range.push_str(p);
+            }
+            ranges.push(range);
+        }
+    }
+    ranges.join(",")
 }
 
 /// The status and headers of the shared upstream response.
@@ -434,7 +467,32 @@ mod tests {
             digest: Digest::sha256_of(b"x"),
             manifest: false,
             head: false,
+            accept: None,
         }
+    }
+
+    #[test]
+    fn accept_keys_ignore_spelling_but_not_content() {
+        let key = |values: &[&str]| {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(http::header::ACCEPT, v.parse().unwrap());
+            }
+            accept_key(&h)
+        };
+        let oci = "application/vnd.oci.image.manifest.v1+json";
+        let docker = "application/vnd.docker.distribution.manifest.v2+json";
+        assert_eq!(key(&[]), "");
+        assert_eq!(key(&[oci]), oci);
+        assert_eq!(
+            key(&[&format!("{oci}, {docker}")]),
+            key(&[oci, &format!(" {} ", docker.to_ascii_uppercase())])
+        );
+        assert_eq!(key(&[&format!("{oci} ; q=0.5,,")]), format!("{oci};q=0.5"));
+        assert_ne!(key(&[oci]), key(&[docker]));
+        assert_ne!(key(&[oci]), key(&[]));
+        assert_ne!(key(&[oci, docker]), key(&[oci]));
+        assert_ne!(key(&[&format!("{oci};q=0.1")]), key(&[oci]));
     }
 
     type Sender = futures::channel::mpsc::Sender<Result<Frame<Bytes>, BoxError>>;

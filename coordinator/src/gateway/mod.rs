@@ -10,7 +10,8 @@
 //! 6. the request body's first frame is read before anything goes upstream, so a body that
 //!    is malformed from the start (a bad chunk size) is refused without reaching a replica;
 //! 7. forwarding ([`forward`]): coalesced for GETs and HEADs of a blob or manifest digest
-//!    ([`coalesce`]), pinned to the session's replica for uploads ([`uploads`]), balanced and
+//!    ([`coalesce`]; for a manifest only among requests with the same `Accept`, which
+//!    decides the registry's answer), pinned to the session's replica for uploads ([`uploads`]), balanced and
 //!    retried otherwise; the response's `Location` is rewritten to the coordinator (with the
 //!    request's `ns`, so an upload's next request reaches the same pool);
 //! 8. every response gets `Docker-Distribution-Api-Version: registry/2.0`, an access log line
@@ -300,6 +301,7 @@ impl Prepared {
             digest,
             manifest,
             head: self.method == Method::HEAD,
+            accept: manifest.then(|| coalesce::accept_key(&self.out.headers)),
         })
     }
 }
