@@ -231,3 +231,55 @@ async fn deleted_index_is_rebuilt_from_blobs_at_start() -> Result<()> {
     })
     .await
 }
+
+/// `[log] format = "json"`: every line of the agent's log is one JSON object, and each request
+/// is one `pull` line that says where the bytes came from (upstream on the first pull, the
+/// store on the second).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn json_logs_have_one_pull_line_per_request_with_its_source() -> Result<()> {
+    within(async {
+        let image = TestImage::generate(&ImageSpec::new(vec![MIB, 2 * MIB], 13), "v1")?;
+        let registry = registry_with(&image).await?;
+        let mut opts = AgentOptions::new(&registry.url());
+        opts.extra_toml = "[log]\nformat = \"json\"\n".into();
+        let mut agent = AgentProcess::start(Path::new(AGENT_BIN), &opts).await?;
+        for round in ["upstream", "cache"] {
+            let out = tempfile::tempdir()?;
+            let src = format!("{}/shoal/app:v1", agent.host_port());
+            Skopeo::pull(&src, &out.path().join("oci"), &CopyOptions::default())
+                .await
+                .with_context(|| format!("{round} pull; agent log:\n{}", agent.log_text()))?;
+            verify_layout(&out.path().join("oci"), &image)?;
+        }
+        let status = agent.terminate().await?;
+        ensure!(status.success(), "exit status after SIGTERM: {status}");
+
+        let log = std::fs::read_to_string(agent.log_path())?;
+        let mut lines = Vec::new();
+        for line in log.lines().filter(|l| !l.trim().is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("a log line is not JSON: {line}"))?;
+            lines.push(v);
+        }
+        for layer in &image.layers {
+            let sources: Vec<&str> = lines
+                .iter()
+                .filter(|v| {
+                    v["message"] == "pull"
+                        && v["method"] == "GET"
+                        && v["path"]
+                            .as_str()
+                            .is_some_and(|p| p.ends_with(&layer.digest))
+                })
+                .filter_map(|v| v["source"].as_str())
+                .collect();
+            ensure!(
+                sources == ["upstream", "cache"],
+                "pull lines of {} say {sources:?}; log:\n{log}",
+                layer.digest
+            );
+        }
+        Ok(())
+    })
+    .await
+}
