@@ -164,31 +164,40 @@ async fn wait_origin_progress(cluster: &TestCluster, bytes: u64) -> Result<()> {
 }
 
 /// The agents uploading the most: the one that read the most from the origin (the seeder,
-/// holding origin slots) and the one that sent the most to peers besides it.
+/// holding origin slots) and the one that sent the most to peers besides it. Waits (bounded)
+/// until both are actually uploading, so that killing them interrupts transfers.
 async fn busiest(cluster: &TestCluster, among: &[usize]) -> Result<(usize, usize)> {
-    let mut up = Vec::new();
-    for &i in among {
-        let origin = cluster
-            .metric(i, "shoal_agent_upstream_bytes_total")
-            .await?;
-        let sent = cluster
-            .metric(i, "shoal_agent_peer_sent_bytes_total")
-            .await?;
-        up.push((i, origin, sent));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut up = Vec::new();
+        for &i in among {
+            let origin = cluster
+                .metric(i, "shoal_agent_upstream_bytes_total")
+                .await?;
+            let sent = cluster
+                .metric(i, "shoal_agent_peer_sent_bytes_total")
+                .await?;
+            up.push((i, origin, sent));
+        }
+        let seeder = *up
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .context("no agents")?;
+        let uploader = *up
+            .iter()
+            .filter(|a| a.0 != seeder.0)
+            .max_by(|a, b| a.2.total_cmp(&b.2))
+            .context("no second agent")?;
+        if seeder.1 > 0.0 && uploader.2 > 0.0 {
+            eprintln!("upload so far (agent, origin bytes, peer bytes sent): {up:?}");
+            return Ok((seeder.0, uploader.0));
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no agent besides the seeder uploads to peers: {up:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let seeder = up
-        .iter()
-        .max_by(|a, b| a.1.total_cmp(&b.1))
-        .context("no agents")?
-        .0;
-    let uploader = up
-        .iter()
-        .filter(|a| a.0 != seeder)
-        .max_by(|a, b| a.2.total_cmp(&b.2))
-        .context("no second agent")?
-        .0;
-    eprintln!("upload so far (agent, origin bytes, peer bytes sent): {up:?}");
-    Ok((seeder, uploader))
 }
 
 /// Runs `pulls` and, once `act` is done (in the middle of the pulls), carries on with them;
