@@ -792,40 +792,36 @@ async fn a_wrong_or_missing_alpn_is_refused_on_both_channels() -> Result<()> {
         let server = quinn::Endpoint::server(a.peer_server_config(), "127.0.0.2:0".parse()?)?;
         let addr = server.local_addr()?;
         let ep = client_endpoint("127.0.0.2")?;
+        // Whether the agent's peer endpoint accepted a handshake offering `alpns`, and what
+        // the dialling side saw.
+        let attempt = |alpns: &[&[u8]]| {
+            let cfg = client_offering(&ca, Expect::Node, identity.clone(), alpns);
+            let (server, ep) = (&server, &ep);
+            async move {
+                let accept = async {
+                    match server.accept().await {
+                        Some(i) => i.await.is_ok(),
+                        None => false,
+                    }
+                };
+                let connect = async {
+                    ep.connect_with(cfg?, addr, "node-a")?
+                        .await
+                        .map_err(anyhow::Error::from)
+                };
+                anyhow::Ok(
+                    tokio::time::timeout(WAIT, async { tokio::join!(accept, connect) }).await?,
+                )
+            }
+        };
         for alpns in wrong.iter().copied().chain([&[ALPN_CTL][..]]) {
-            let cfg = client_offering(&ca, Expect::Node, identity.clone(), alpns)?;
-            let accept = async {
-                match server.accept().await {
-                    Some(i) => i.await.is_ok(),
-                    None => false,
-                }
-            };
-            let connect = async {
-                ep.connect_with(cfg, addr, "node-a")?
-                    .await
-                    .map_err(anyhow::Error::from)
-            };
-            let (accepted, connected) =
-                tokio::time::timeout(WAIT, async { tokio::join!(accept, connect) }).await?;
+            let (accepted, connected) = attempt(alpns).await?;
             ensure!(
                 !accepted && connected.is_err(),
                 "peer channel with ALPN {alpns:?}: accepted {accepted}, {connected:?}"
             );
         }
-        let cfg = client_offering(&ca, Expect::Node, identity, &[ALPN_PEER])?;
-        let accept = async {
-            match server.accept().await {
-                Some(i) => i.await.is_ok(),
-                None => false,
-            }
-        };
-        let connect = async {
-            ep.connect_with(cfg, addr, "node-a")?
-                .await
-                .map_err(anyhow::Error::from)
-        };
-        let (accepted, connected) =
-            tokio::time::timeout(WAIT, async { tokio::join!(accept, connect) }).await?;
+        let (accepted, connected) = attempt(&[ALPN_PEER]).await?;
         ensure!(
             accepted && connected.is_ok(),
             "the right ALPN: {connected:?}"
