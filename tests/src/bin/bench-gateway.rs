@@ -55,8 +55,7 @@ use clap::{Parser, ValueEnum};
 use http::{HeaderValue, Request, StatusCode, header};
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use shoal_coordinator::certs::{CertInitOptions, cert_init};
 use shoal_tests::coordinator::{HashFormat, htpasswd_add};
 use shoal_tests::http::{push_blob, push_manifest};
@@ -221,7 +220,8 @@ async fn run(args: &Args) -> Result<()> {
         Hash::Sha1 => HashFormat::Sha1,
     };
     htpasswd_add(&htpasswd, USER, PASSWORD, format)?;
-    let tls = Arc::new(tls_client(&dir.join("tls/ca.crt"))?);
+    let ca = std::fs::read(dir.join("tls/ca.crt")).context("reading the CA certificate")?;
+    let tls = Arc::new(shoal_tests::tls::client_config(&ca, &[b"http/1.1"])?);
 
     let nginx = Nginx::start(&nginx_bin, dir, &registry, &htpasswd).await?;
     let coordinator =
@@ -504,20 +504,6 @@ impl Content {
     }
 }
 
-fn tls_client(ca: &Path) -> Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca)? {
-        roots.add(cert?)?;
-    }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(cfg)
-}
 
 fn request(path: &str, addr: SocketAddr, auth: &HeaderValue) -> Result<Request<Empty<Bytes>>> {
     Ok(Request::get(path)
