@@ -1,7 +1,8 @@
 //! In-process tests of the data plane over real QUIC on 127.0.0.x: hostile frames, a blob
 //! fetched from a peer, a cold pull by several agents that reads the origin about once,
-//! partial blobs served while they download, stalled and corrupt peers, and the fallback to
-//! the origin without a coordinator. Every wait has a timeout; nothing sleeps to synchronise.
+//! partial blobs served while they download, stalled and corrupt peers, the fallback to the
+//! origin without a coordinator, and the bandwidth limits holding in real transfers. Every wait
+//! has a timeout; nothing sleeps to synchronise.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -635,4 +636,184 @@ async fn throughput() {
             size as f64 / secs / 1048576.0
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bandwidth limits in real transfers.
+//
+// Each test moves a known number of bytes through a shaped agent and measures the wall-clock
+// time it took. A slow or busy machine only makes a transfer slower, so the assertions are
+// lower bounds on the time (equivalently, upper bounds on the rate) with generous tolerance:
+// the observed rate is at most 1.5x the cap (the bucket's quarter-second burst included), and
+// the transfer takes at least 0.6x of size/cap. Unshaped, the same transfers take a small
+// fraction of that on loopback, so neither bound passes if the limit is ignored.
+
+/// A shaped rate: 2 MiB/s, so a few MiB take a couple of seconds.
+const CAP: u64 = 2 << 20;
+
+/// The value of an unlabelled counter in a node's metrics.
+fn counter(node: &TestNode, name: &str) -> u64 {
+    let text = node.metrics.encode();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no counter {name} in\n{text}"))
+}
+
+/// Asserts that `bytes` moved in `elapsed` kept within `cap` bytes per second, and that a
+/// transfer of `size` bytes at `cap` took at least 0.6 of its nominal time.
+fn assert_within_cap(what: &str, bytes: u64, size: u64, elapsed: Duration, cap: u64) {
+    let secs = elapsed.as_secs_f64();
+    let rate = bytes as f64 / secs;
+    let nominal = size as f64 / cap as f64;
+    println!(
+        "{what}: {bytes} bytes in {secs:.2} s = {:.2} MiB/s (cap {:.2} MiB/s, {:.2}x); \
+         nominal time {nominal:.2} s",
+        rate / 1048576.0,
+        cap as f64 / 1048576.0,
+        rate / cap as f64,
+    );
+    assert!(
+        rate <= 1.5 * cap as f64,
+        "{what}: {rate:.0} B/s is more than 1.5x the cap of {cap} B/s"
+    );
+    assert!(
+        secs >= 0.6 * nominal,
+        "{what}: {size} bytes in {secs:.2} s, faster than 0.6x of {nominal:.2} s at the cap"
+    );
+}
+
+#[tokio::test]
+async fn the_upload_limit_holds_for_all_peers_together() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let capped = PeerConfig {
+        upload_limit: Some(CAP),
+        ..PeerConfig::default()
+    };
+    let a = TestNode::start(&tracker, &ca, "node-a", 100, &origin.url(), capped).await;
+    let b = TestNode::plain(&tracker, &ca, "node-b", 101, &origin.url()).await;
+    let c = TestNode::plain(&tracker, &ca, "node-c", 102, &origin.url()).await;
+    let size = 20 * PL; // 5 MiB
+    let blob = random_blob(size, 20);
+    // A is the only holder; the origin answers the pullers' HEAD, and must not be read.
+    let d = a.seed(&blob).await;
+    origin.add(&blob);
+    let t0 = std::time::Instant::now();
+    let (rb, rc) = within("pulls", futures::future::join(b.pull(&d), c.pull(&d))).await;
+    let elapsed = t0.elapsed();
+    assert!(
+        rb.unwrap() == blob && rc.unwrap() == blob,
+        "content differs"
+    );
+    assert_eq!(origin.served(), 0, "the origin was read");
+    // Every byte left A under its limit, whichever of the two it went to (they also share
+    // pieces between themselves, unshaped).
+    let sent = counter(&a, "shoal_agent_peer_sent_bytes_total");
+    assert!(sent >= size as u64, "A sent {sent} bytes of {size}");
+    assert_within_cap("upload from A to B and C", sent, sent, elapsed, CAP);
+}
+
+#[tokio::test]
+async fn the_download_limit_holds_for_all_sources_together() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let capped = PeerConfig {
+        download_limit: Some(CAP),
+        ..PeerConfig::default()
+    };
+    let a = TestNode::plain(&tracker, &ca, "node-a", 110, &origin.url()).await;
+    let c = TestNode::plain(&tracker, &ca, "node-c", 112, &origin.url()).await;
+    let b = TestNode::start(&tracker, &ca, "node-b", 111, &origin.url(), capped).await;
+    let size = 20 * PL; // 5 MiB
+    let blob = random_blob(size, 21);
+    // Two holders, both unshaped: B may take pieces from both at once.
+    let d = a.seed(&blob).await;
+    c.seed(&blob).await;
+    origin.add(&blob);
+    let t0 = std::time::Instant::now();
+    let got = within("pull", b.pull(&d)).await.unwrap();
+    let elapsed = t0.elapsed();
+    assert!(got == blob, "content differs");
+    assert_eq!(origin.served(), 0, "the origin was read");
+    let received = counter(&b, "shoal_agent_peer_received_bytes_total");
+    let (from_a, from_c) = (
+        counter(&a, "shoal_agent_peer_sent_bytes_total"),
+        counter(&c, "shoal_agent_peer_sent_bytes_total"),
+    );
+    println!("B received {from_a} bytes from A and {from_c} from C");
+    assert!(received >= size as u64);
+    assert_within_cap("download by B", received, size as u64, elapsed, CAP);
+}
+
+#[tokio::test]
+async fn the_download_limit_holds_for_origin_reads() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let capped = PeerConfig {
+        download_limit: Some(CAP),
+        ..PeerConfig::default()
+    };
+    let b = TestNode::start(&tracker, &ca, "node-b", 113, &origin.url(), capped).await;
+    let size = 16 * PL; // 4 MiB
+    let blob = random_blob(size, 22);
+    let d = origin.add(&blob);
+    let t0 = std::time::Instant::now();
+    let got = within("pull", b.pull(&d)).await.unwrap();
+    let elapsed = t0.elapsed();
+    assert!(got == blob, "content differs");
+    let read = origin.served();
+    assert_eq!(read, size as u64, "one read of the blob from the origin");
+    assert_within_cap("origin read by B", read, read, elapsed, CAP);
+}
+
+#[tokio::test]
+async fn the_origin_limit_holds_for_all_origin_reads_together() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let capped = PeerConfig {
+        origin_limit: Some(CAP),
+        ..PeerConfig::default()
+    };
+    let a = TestNode::start(&tracker, &ca, "node-a", 120, &origin.url(), capped).await;
+    // Two blobs at once, each under its own origin slot: the limit is the agent's, not the
+    // transfer's.
+    let size = 10 * PL; // 2.5 MiB each
+    let (x, y) = (random_blob(size, 23), random_blob(size, 24));
+    let (dx, dy) = (origin.add(&x), origin.add(&y));
+    let t0 = std::time::Instant::now();
+    let (rx, ry) = within("pulls", futures::future::join(a.pull(&dx), a.pull(&dy))).await;
+    let elapsed = t0.elapsed();
+    assert!(rx.unwrap() == x && ry.unwrap() == y, "content differs");
+    let slots = tracker.sent(|m| matches!(m, AgentMsg::PublishHashes(_)));
+    assert!(!slots.is_empty(), "A read the origin under a slot");
+    let read = origin.served();
+    assert_eq!(
+        read,
+        2 * size as u64,
+        "one read of each blob from the origin"
+    );
+    assert_within_cap("origin reads by A", read, read, elapsed, CAP);
+}
+
+#[tokio::test]
+async fn the_origin_limit_holds_without_a_coordinator() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let capped = PeerConfig {
+        origin_limit: Some(CAP),
+        ..PeerConfig::default()
+    };
+    let a = TestNode::start(&tracker, &ca, "node-a", 121, &origin.url(), capped).await;
+    let size = 16 * PL; // 4 MiB
+    let blob = random_blob(size, 25);
+    let d = origin.add(&blob);
+    // No locate answer: the download goes straight to the origin, outside the swarm.
+    tracker.available.store(false, Ordering::SeqCst);
+    let t0 = std::time::Instant::now();
+    let got = within("pull", a.pull(&d)).await.unwrap();
+    let elapsed = t0.elapsed();
+    assert!(got == blob, "content differs");
+    let read = origin.served();
+    assert_eq!(read, size as u64);
+    assert_within_cap("direct origin read by A", read, read, elapsed, CAP);
 }
