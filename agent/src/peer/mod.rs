@@ -93,9 +93,7 @@ pub struct Shaping {
 
 impl Shaping {
     pub fn new(c: &PeerConfig) -> Arc<Shaping> {
-        // A quarter of a second's worth, so a idle link does not send a long burst.
-        let bucket =
-            |rate: Option<u64>| TokenBucket::new(rate, rate.map_or(0, |r| (r / 4).max(64 * 1024)));
+        let bucket = |rate: Option<u64>| TokenBucket::new(rate, rate.map_or(0, burst));
         Arc::new(Shaping {
             upload: bucket(c.upload_limit),
             download: bucket(c.download_limit),
@@ -181,10 +179,28 @@ fn transport_config(c: &PeerConfig) -> quinn::TransportConfig {
     t.max_concurrent_bidi_streams(1024u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     // Whole pieces in flight on a LAN without waiting for window updates.
-    t.stream_receive_window((8u32 << 20).into());
-    t.receive_window((64u32 << 20).into());
+    let (mut stream_window, mut conn_window) = (8u64 << 20, 64u64 << 20);
+    // The download limit is applied as the data is read, and a peer sends as far as these
+    // windows allow ahead of the reads: unbounded, every request in flight (up to
+    // `max_requests` whole pieces) would arrive at the link's full speed before the limit
+    // bites. With a window of the bucket's burst per connection, the data on the wire runs
+    // ahead of the limit by at most that much per peer; the window is still a quarter of a
+    // second at the limited rate, far above a LAN's round trip.
+    if let Some(limit) = c.download_limit {
+        conn_window = conn_window.min(burst(limit));
+        stream_window = stream_window.min(conn_window);
+    }
+    // Both fit a VarInt (at most 64 MiB).
+    t.stream_receive_window(quinn::VarInt::from_u64(stream_window).unwrap_or(quinn::VarInt::MAX));
+    t.receive_window(quinn::VarInt::from_u64(conn_window).unwrap_or(quinn::VarInt::MAX));
     t.send_window(64 << 20);
     t
+}
+
+/// The burst of a bucket limited to `rate` bytes per second: a quarter of a second's worth,
+/// so an idle link does not send a long burst, and at least 64 KiB (a chunk of a transfer).
+fn burst(rate: u64) -> u64 {
+    (rate / 4).max(64 * 1024)
 }
 
 impl Peer {

@@ -817,3 +817,64 @@ async fn the_origin_limit_holds_without_a_coordinator() {
     assert_eq!(read, size as u64);
     assert_within_cap("direct origin read by A", read, read, elapsed, CAP);
 }
+
+#[tokio::test]
+async fn the_download_limit_holds_on_the_wire() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    // Many requests in flight: each would bring a whole piece at the link's speed, ahead of
+    // the limited reads, if the peer could send it all before it is read.
+    let capped = PeerConfig {
+        download_limit: Some(CAP),
+        max_requests_per_peer: 16,
+        ..PeerConfig::default()
+    };
+    let a = TestNode::plain(&tracker, &ca, "node-a", 114, &origin.url()).await;
+    let b = TestNode::start(&tracker, &ca, "node-b", 115, &origin.url(), capped).await;
+    let size = 16 * PL; // 4 MiB
+    let blob = random_blob(size, 26);
+    let d = a.seed(&blob).await;
+    origin.add(&blob);
+    let t0 = std::time::Instant::now();
+    let pull = b.pull(&d);
+    tokio::pin!(pull);
+    // The bytes B's socket received from A, sampled as the transfer goes. At any moment they
+    // may exceed the limit's share of the time so far by the bucket's burst and one receive
+    // window (a quarter of a second's worth each), plus packet overhead.
+    let allowance = 2 * (CAP / 4) + (256 << 10);
+    let mut samples = Vec::new();
+    let got = within("pull", async {
+        loop {
+            tokio::select! {
+                r = &mut pull => break r,
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            let wire = b
+                .peer
+                .inner
+                .connection(a.node())
+                .map_or(0, |c| c.stats().udp_rx.bytes);
+            // Taken after the count, so the time can only be overstated.
+            samples.push((t0.elapsed(), wire));
+        }
+    })
+    .await
+    .unwrap();
+    let elapsed = t0.elapsed();
+    assert!(got == blob, "content differs");
+    let worst = samples
+        .iter()
+        .map(|&(t, wire)| wire as f64 - 1.5 * CAP as f64 * t.as_secs_f64())
+        .fold(f64::MIN, f64::max);
+    println!(
+        "{} samples; at most {worst:.0} bytes on the wire beyond 1.5x the cap (allowed {allowance}); \
+         first {:?}",
+        samples.len(),
+        samples.iter().find(|s| s.1 > 0)
+    );
+    assert!(
+        worst <= allowance as f64,
+        "B's link received {worst:.0} bytes beyond 1.5x its download limit: {samples:?}"
+    );
+    assert_within_cap("download by B", size as u64, size as u64, elapsed, CAP);
+}
