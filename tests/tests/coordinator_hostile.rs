@@ -238,3 +238,146 @@ async fn coordinator_refuses_malformed_and_smuggling_requests_before_upstream() 
     })
     .await
 }
+
+/// A chunked `PUT` that finishes an upload whose body turns malformed after its first chunk,
+/// so the coordinator's check of the first frame passes and the request is already on its way
+/// to the replica when the bad chunk size arrives. The `digest` is that of the first chunk:
+/// had the coordinator ended the upstream body cleanly at the error, the registry would have
+/// committed the truncated body as a valid blob.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coordinator_aborts_the_upstream_request_when_a_chunk_size_goes_bad_mid_body() -> Result<()>
+{
+    within(async {
+        require_coordinator_tools()?;
+        let registry = Registry::start().await?;
+        let proxy = Proxy::start(&registry.url()).await?;
+        let mut opts = CoordinatorOptions::new(&[proxy.url()]);
+        // One failure charged to the replica would eject it.
+        opts.max_fails = 1;
+        opts.fail_timeout = Duration::from_secs(60);
+        opts.health_interval = Duration::from_secs(3600);
+        let c = TestCoordinator::start(opts).await?;
+        let client = c.client_http1()?;
+
+        let prefix: Vec<u8> = (0..50_000u32).map(|i| (i % 241) as u8).collect();
+        let digest = shoal_tests::image::sha256_digest(&prefix);
+        let r = client
+            .post(c.url("/v2/hostile/mid/blobs/uploads/"))
+            .header("content-length", "0")
+            .send()
+            .await?;
+        ensure!(r.status() == 202, "start upload: {}", r.status());
+        let location = r.headers()["location"].to_str()?.to_owned();
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let target = format!("{location}{sep}digest={digest}");
+        let path = target
+            .strip_prefix(&c.url(""))
+            .with_context(|| format!("Location {location} is not on the coordinator"))?;
+
+        let head = format!(
+            "PUT {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/octet-stream\r\n\
+             Transfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+            prefix.len()
+        );
+        let cfg = std::sync::Arc::new(c.tls_client_config(&[b"http/1.1"])?);
+        let tcp = tokio::net::TcpStream::connect(c.https_addr()).await?;
+        let name = rustls_pki_types::ServerName::try_from("localhost")?;
+        let mut tls = tokio_rustls::TlsConnector::from(cfg)
+            .connect(name, tcp)
+            .await?;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        tls.write_all(head.as_bytes()).await?;
+        tls.write_all(&prefix).await?;
+        tls.write_all(b"\r\n").await?;
+        tls.flush().await?;
+        // The first chunk is good: the request goes upstream with its body streaming.
+        proxy
+            .wait_for(
+                Duration::from_secs(20),
+                "the PUT reached the replica",
+                |reqs| {
+                    reqs.iter()
+                        .any(|r| r.method == http::Method::PUT && r.path.contains("/hostile/mid/"))
+                },
+            )
+            .await?;
+        // Then a chunk size that is not hex.
+        tls.write_all(b"zz\r\nhello\r\n0\r\n\r\n").await?;
+        tls.flush().await?;
+        let mut bytes = Vec::new();
+        let closed = match tokio::time::timeout(RAW_TIMEOUT, tls.read_to_end(&mut bytes)).await {
+            Err(_) => false,
+            // A reset, or a TLS close without close_notify, is a close too.
+            Ok(_) => true,
+        };
+        let x = RawExchange { bytes, closed };
+        println!(
+            "mid-body bad chunk size: {}",
+            x.text().lines().next().unwrap_or("(nothing)")
+        );
+        check("bad chunk size mid-body", &x, 400)?;
+
+        // Nothing was committed: the registry itself does not have the blob.
+        let r = client
+            .head(format!("{}/v2/hostile/mid/blobs/{digest}", registry.url()))
+            .send()
+            .await?;
+        ensure!(
+            r.status() == 404,
+            "the truncated body was committed: HEAD {}",
+            r.status()
+        );
+        let put = proxy
+            .requests()
+            .into_iter()
+            .find(|r| r.method == http::Method::PUT && r.path.contains("/hostile/mid/"))
+            .context("the PUT record")?;
+        ensure!(
+            put.status.is_none_or(|s| !s.is_success()),
+            "the replica answered the aborted PUT with {:?}",
+            put.status
+        );
+        // The client's fault, not the replica's: it was not charged, so it is still up.
+        let failures = c
+            .metric_sum("shoal_coordinator_upstream_failures_total", &[])
+            .await?;
+        ensure!(
+            failures == 0.0,
+            "{failures} upstream failures charged to the replica"
+        );
+        let up = c.metric_sum("shoal_coordinator_upstream_up", &[]).await?;
+        ensure!(
+            up == 1.0,
+            "the replica is reported down after a client's bad body"
+        );
+        ensure!(
+            c.metric_sum("shoal_coordinator_framing_rejections_total", &[])
+                .await?
+                >= 1.0,
+            "the bad chunk size was not counted as a framing rejection"
+        );
+        // A new upload of the same bytes, sent whole, is committed. (The registry dropped the
+        // aborted upload session.)
+        let r = client
+            .post(c.url("/v2/hostile/mid/blobs/uploads/"))
+            .header("content-length", "0")
+            .send()
+            .await?;
+        ensure!(r.status() == 202, "start upload: {}", r.status());
+        let location = r.headers()["location"].to_str()?.to_owned();
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let r = client
+            .put(format!("{location}{sep}digest={digest}"))
+            .header("content-type", "application/octet-stream")
+            .body(prefix)
+            .send()
+            .await?;
+        ensure!(
+            r.status() == 201,
+            "the upload after the bad body: {}",
+            r.status()
+        );
+        c.stop().await
+    })
+    .await
+}

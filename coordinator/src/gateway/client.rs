@@ -4,7 +4,7 @@
 
 use std::path::Path;
 use std::pin::Pin;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -231,6 +231,84 @@ where
     }
 }
 
+/// Why a client's request body failed while it was being forwarded. A client's fault, never
+/// the replica's: the upstream request is aborted (hyper closes its connection without the
+/// last chunk), so the replica never sees a complete body.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientBodyFault {
+    /// Framing hyper could not decode (a bad chunk size or chunk delimiter).
+    Malformed,
+    /// No data for this long.
+    Stalled(Duration),
+    /// The client closed or reset its connection mid-body.
+    Gone,
+}
+
+impl ClientBodyFault {
+    /// Tells the faults apart by the error's chain: hyper reports decoding errors as
+    /// `InvalidInput`/`InvalidData` IO errors, an early end as `UnexpectedEof` or an
+    /// incomplete message.
+    pub fn of(error: &(dyn std::error::Error + 'static)) -> ClientBodyFault {
+        let mut next = Some(error);
+        while let Some(e) = next {
+            if let Some(s) = e.downcast_ref::<Stalled>() {
+                return ClientBodyFault::Stalled(s.0);
+            }
+            if let Some(io) = e.downcast_ref::<std::io::Error>()
+                && matches!(
+                    io.kind(),
+                    std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData
+                )
+            {
+                return ClientBodyFault::Malformed;
+            }
+            next = e.source();
+        }
+        ClientBodyFault::Gone
+    }
+}
+
+/// A client's request body on its way upstream that remembers why it failed, if it does, so
+/// that the failed upstream request is put down to the client rather than the replica.
+pub struct ClientBody<B> {
+    inner: B,
+    fault: Arc<OnceLock<ClientBodyFault>>,
+}
+
+impl<B> ClientBody<B> {
+    pub fn new(inner: B, fault: Arc<OnceLock<ClientBodyFault>>) -> ClientBody<B> {
+        ClientBody { inner, fault }
+    }
+}
+
+impl<B> HttpBody for ClientBody<B>
+where
+    B: HttpBody<Data = Bytes, Error = BoxError> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Err(e))) = &r {
+            let _ = this.fault.set(ClientBodyFault::of(e.as_ref()));
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// A body that runs `on_end` once, when it is dropped, with the bytes that went through and
 /// whether it reached its end.
 pub struct Observed<B> {
@@ -321,6 +399,38 @@ mod tests {
         let err = body.frame().await.unwrap().unwrap_err();
         assert!(err.is::<Stalled>(), "{err}");
         sender.abort();
+    }
+
+    #[tokio::test]
+    async fn client_body_faults_are_told_apart_and_remembered() {
+        let io = |kind| -> BoxError { Box::new(std::io::Error::new(kind, "x")) };
+        assert_eq!(
+            ClientBodyFault::of(io(std::io::ErrorKind::InvalidInput).as_ref()),
+            ClientBodyFault::Malformed
+        );
+        assert_eq!(
+            ClientBodyFault::of(io(std::io::ErrorKind::UnexpectedEof).as_ref()),
+            ClientBodyFault::Gone
+        );
+        let stalled: BoxError = Box::new(Stalled(Duration::from_secs(3)));
+        assert_eq!(
+            ClientBodyFault::of(stalled.as_ref()),
+            ClientBodyFault::Stalled(Duration::from_secs(3))
+        );
+
+        let frames: Vec<Result<Frame<Bytes>, BoxError>> = vec![
+            Ok(Frame::data(Bytes::from_static(b"ok"))),
+            Err(io(std::io::ErrorKind::InvalidData)),
+        ];
+        let fault = Arc::new(OnceLock::new());
+        let mut body = ClientBody::new(
+            http_body_util::StreamBody::new(futures::stream::iter(frames)),
+            Arc::clone(&fault),
+        );
+        assert!(body.frame().await.unwrap().is_ok());
+        assert_eq!(fault.get(), None);
+        assert!(body.frame().await.unwrap().is_err());
+        assert_eq!(fault.get(), Some(&ClientBodyFault::Malformed));
     }
 
     #[test]

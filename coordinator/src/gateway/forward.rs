@@ -4,6 +4,7 @@
 //! comes back (`Location`, hop-by-hop headers) for the client.
 
 use std::net::IpAddr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -16,7 +17,7 @@ use url::Url;
 
 use super::ApiError;
 use super::balance::{Affinity, InFlight};
-use super::client::{self, Body, IdleTimeout, Observed};
+use super::client::{self, Body, ClientBody, ClientBodyFault, IdleTimeout, Observed};
 use super::pool::Pool;
 use super::upstream_auth::Scope;
 use crate::config::RedirectMode;
@@ -223,12 +224,30 @@ pub async fn forward(
             metrics.upstream_retry(pool.host.as_str());
         }
         let in_flight = pool.balancer.begin(i);
-        let this_body = body.take().unwrap_or_else(client::empty);
+        let client_fault = Arc::new(OnceLock::new());
+        let this_body = match body.take() {
+            Some(b) => ClientBody::new(b, Arc::clone(&client_fault)).boxed_unsync(),
+            None => client::empty(),
+        };
         let has_more = attempt + 1 < attempts;
-        match send(pool, i, out, this_body, replayable, idle).await {
+        let sent = send(pool, i, out, this_body, replayable, idle).await;
+        // A client body that failed mid-way (a bad chunk size after the first frame, a
+        // stall, a hang-up) makes hyper abort the upstream request without its last chunk,
+        // so the replica never takes the truncated body for a whole one. The failure is the
+        // client's: the replica is not charged with it, and the client gets the 4xx.
+        if sent.is_err()
+            && let Some(&fault) = client_fault.get()
+        {
+            if fault == ClientBodyFault::Malformed {
+                metrics.framing_rejection();
+            }
+            tracing::warn!(replica = %pool.replicas[i].label, ?fault, "request body failed; upstream request aborted");
+            return Err(ApiError::client_body(fault));
+        }
+        match sent {
             Ok(resp) => {
                 let status = resp.status();
-                if is_server_failure(status) {
+                if is_server_failure(status) && client_fault.get().is_none() {
                     pool.record_failure(i);
                     if out.idempotent() && has_more {
                         tracing::info!(replica = %pool.replicas[i].label, %status, "retrying on another replica");

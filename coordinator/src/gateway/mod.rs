@@ -45,7 +45,7 @@ use shoal_proto::reference::ManifestRef;
 use shoal_proto::{RegistryHost, RepoName};
 
 use self::accesslog::{AccessLog, Entry};
-use self::client::{Body, IdleTimeout, Observed};
+use self::client::{Body, ClientBodyFault, IdleTimeout, Observed};
 use self::coalesce::{Coalescer, FlightKey, Head, Upstreamed};
 use self::forward::{AffinityKey, Outgoing, PublicBase};
 use self::h1guard::{SharedTracker, Verdict};
@@ -105,6 +105,27 @@ impl ApiError {
         ApiError {
             challenge: true,
             ..ApiError::new(ErrorCode::Unauthorized, message)
+        }
+    }
+
+    /// The answer to a request whose body failed (`Gone` is answered only for the log: the
+    /// client is not there to read it). The connection is closed either way: its framing
+    /// can no longer be followed.
+    fn client_body(fault: ClientBodyFault) -> ApiError {
+        match fault {
+            ClientBodyFault::Malformed => ApiError::framing("invalid request body"),
+            ClientBodyFault::Stalled(after) => ApiError {
+                close: true,
+                ..ApiError::new_status(
+                    StatusCode::REQUEST_TIMEOUT,
+                    ErrorCode::BadRequest,
+                    format!("no request body data for {after:?}"),
+                )
+            },
+            ClientBodyFault::Gone => ApiError {
+                close: true,
+                ..ApiError::new(ErrorCode::BadRequest, "the request body ended early")
+            },
         }
     }
 
@@ -717,15 +738,21 @@ impl Gateway {
 
     /// Reads the first frame of a request body before anything is sent upstream: a body that
     /// is malformed from its first byte (a bad chunk size) is refused here, and an empty
-    /// chunked body becomes no body. Returns the body with that frame put back in front.
+    /// chunked body becomes no body. Returns the body with that frame put back in front. (A
+    /// body that fails later aborts the upstream request: see [`forward::forward`].)
     async fn first_frame(&self, body: Incoming) -> Result<Option<Body>, ApiError> {
         let mut timed = IdleTimeout::new(body, self.server.idle_timeout);
         let first = match timed.frame().await {
             None => return Ok(None),
             Some(Err(e)) => {
-                tracing::warn!(error = %e, "refusing a request whose body is malformed");
-                self.metrics.framing_rejection();
-                return Err(ApiError::framing("invalid request body"));
+                let fault = ClientBodyFault::of(e.as_ref());
+                if fault == ClientBodyFault::Malformed {
+                    tracing::warn!(error = %e, "refusing a request whose body is malformed");
+                    self.metrics.framing_rejection();
+                } else {
+                    tracing::info!(error = %e, "request body failed before it was forwarded");
+                }
+                return Err(ApiError::client_body(fault));
             }
             Some(Ok(frame)) => frame,
         };
