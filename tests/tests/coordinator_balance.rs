@@ -394,3 +394,127 @@ async fn coordinator_uploads_stay_on_their_replica_while_the_other_serves_pulls(
     })
     .await
 }
+
+/// `upstream_up` of one replica, or -1 when the metric cannot be read.
+async fn up(c: &TestCoordinator, replica: &Registry) -> f64 {
+    c.metric_sum(
+        "shoal_coordinator_upstream_up",
+        &[&format!("replica=\"{}\"", replica.url())],
+    )
+    .await
+    .unwrap_or(-1.0)
+}
+
+async fn failures(c: &TestCoordinator, replica: &Registry) -> Result<f64> {
+    c.metric_sum(
+        "shoal_coordinator_upstream_failures_total",
+        &[&format!("replica=\"{}\"", replica.url())],
+    )
+    .await
+}
+
+/// Sends `HEAD`s of `url` until `replica` has logged more than `before` of them. Returns how
+/// long that took.
+async fn until_reached(
+    client: &reqwest::Client,
+    url: &str,
+    replica: &Registry,
+    before: usize,
+    within: Duration,
+) -> Result<Duration> {
+    let started = std::time::Instant::now();
+    wait_until(within, "requests reach the restarted replica", || async {
+        match client.head(url).send().await {
+            Ok(r) if r.status() == 200 => {}
+            _ => return false,
+        }
+        landed(replica, "HEAD", "/back/app/").len() > before
+    })
+    .await?;
+    Ok(started.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn coordinator_takes_a_restarted_replica_back() -> Result<()> {
+    within(async {
+        let (a, mut b) = two_replicas().await?;
+        let digest = push_blob(&a.url(), "back/app", b"comes back").await?;
+        let path = format!("/v2/back/app/blobs/{digest}");
+
+        // Active checks: every 200 ms. A passive ejection would last a minute, so only a
+        // health check can bring the replica back within the bound below.
+        let mut opts = CoordinatorOptions::new(&[a.url(), b.url()]);
+        opts.coalescing = false;
+        opts.health_interval = Duration::from_millis(200);
+        opts.max_fails = 1;
+        opts.fail_timeout = Duration::from_secs(60);
+        let c = TestCoordinator::start(opts).await?;
+        let client = c.client()?;
+        until_reached(&client, &c.url(&path), &b, 0, Duration::from_secs(10)).await?;
+
+        b.stop().await?;
+        wait_until(Duration::from_secs(10), "the stopped replica fails its health check", || async {
+            up(&c, &b).await == 0.0
+        })
+        .await?;
+        // Out of rotation: requests go to the other replica only, none is even tried on it.
+        for _ in 0..10 {
+            let r = client.head(c.url(&path)).send().await?;
+            ensure!(r.status() == 200, "while one replica is down: {}", r.status());
+        }
+        ensure!(
+            failures(&c, &b).await? == 0.0,
+            "a request was sent to the replica its health check had taken out"
+        );
+        let before = landed(&b, "HEAD", "/back/app/").len();
+
+        b.restart().await?;
+        let restarted = std::time::Instant::now();
+        wait_until(Duration::from_secs(5), "the restarted replica passes its health check", || async {
+            up(&c, &b).await == 1.0
+        })
+        .await?;
+        let healthy = restarted.elapsed();
+        until_reached(&client, &c.url(&path), &b, before, Duration::from_secs(5)).await?;
+        println!(
+            "active checks every 200 ms: the restarted replica is up {healthy:?} after it answers, serving requests after {:?}",
+            restarted.elapsed()
+        );
+        c.stop().await?;
+
+        // Passive ejection only (no active check after the first round): the replica is
+        // ejected by the first request that fails on it (and that request is retried on the
+        // other), then tried again once fail_timeout has passed.
+        let mut opts = CoordinatorOptions::new(&[a.url(), b.url()]);
+        opts.coalescing = false;
+        opts.health_interval = Duration::from_secs(3600);
+        opts.max_fails = 1;
+        opts.fail_timeout = Duration::from_secs(2);
+        let checks = || landed(&b, "GET", "/v2/").len();
+        let checked = checks();
+        let c = TestCoordinator::start(opts).await?;
+        let client = c.client()?;
+        // Stopped only after the first (and last) round of active checks found it up.
+        wait_until(Duration::from_secs(10), "the first health check reached the replica", || async {
+            checks() > checked
+        })
+        .await?;
+        b.stop().await?;
+        for _ in 0..4 {
+            let r = client.head(c.url(&path)).send().await?;
+            ensure!(r.status() == 200, "while one replica is down: {}", r.status());
+        }
+        ensure!(failures(&c, &b).await? >= 1.0, "no request was tried on the stopped replica");
+        ensure!(up(&c, &b).await == 0.0, "the stopped replica was not ejected");
+        let before = landed(&b, "HEAD", "/back/app/").len();
+        b.restart().await?;
+        let took = until_reached(&client, &c.url(&path), &b, before, Duration::from_secs(10)).await?;
+        println!("passive ejection for 2 s: the restarted replica serves requests again after {took:?}");
+        wait_until(Duration::from_secs(5), "the replica is reported up again", || async {
+            up(&c, &b).await == 1.0
+        })
+        .await?;
+        c.stop().await
+    })
+    .await
+}

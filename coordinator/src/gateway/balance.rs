@@ -227,11 +227,13 @@ impl Balancer {
         best
     }
 
-    /// A request to replica `i` succeeded (any answer that is not a server failure).
-    pub fn record_success(&self, i: usize) {
+    /// A request to replica `i` succeeded (any answer that is not a server failure). Returns
+    /// whether it had been ejected (the probe after `fail_timeout` succeeded), so that what
+    /// was published about the ejection can be corrected.
+    pub fn record_success(&self, i: usize) -> bool {
         let mut p = lock(&self.replicas[i].passive);
         p.consecutive_fails = 0;
-        p.ejected_until = None;
+        p.ejected_until.take().is_some()
     }
 
     /// A request to replica `i` failed (connect error, timeout, 500, 502-504). Returns true
@@ -478,9 +480,13 @@ mod tests {
         assert!(!b.is_available(0, t1 + Duration::from_secs(1)));
         // A success after the next timeout clears everything.
         let t2 = t1 + Duration::from_secs(10);
-        b.record_success(0);
+        assert!(b.record_success(0), "the probe's success ends an ejection");
         assert!(b.is_available(0, t2));
         assert!(!b.record_failure(0, t2));
+        assert!(
+            !b.record_success(0),
+            "a success without an ejection ends none"
+        );
     }
 
     #[test]

@@ -116,8 +116,10 @@ impl Pool {
 
     pub fn record_success(&self, i: usize) {
         let was = self.balancer.is_available(i, Instant::now());
-        self.balancer.record_success(i);
-        if !was {
+        // An ejection that expired leaves the replica available but its gauge at 0 until
+        // the next health round, which may be far off: the probe's success corrects it.
+        let ejected = self.balancer.record_success(i);
+        if !was || ejected {
             self.publish(i, Instant::now());
         }
     }
