@@ -2,7 +2,7 @@
 //!
 //! Every request is forwarded with its method, path, query and headers; bodies stream through
 //! in both directions without being buffered. Each request is recorded (method, path, Range,
-//! status, body bytes sent to the client), which is how tests check single-flight ("each blob
+//! headers, status, body bytes sent to the client), which is how tests check single-flight ("each blob
 //! was fetched from upstream once") and resume ("the second request asked for a range").
 //!
 //! Faults are set at run time and match requests by the last segment of a
@@ -94,6 +94,9 @@ pub struct RequestLog {
     pub query: Option<String>,
     /// The `Range` request header, for resume tests.
     pub range: Option<String>,
+    /// Every request header as the proxy received it (before its own hop-by-hop stripping):
+    /// what the client in front of it sent, e.g. a gateway's `X-Forwarded-*`.
+    pub headers: HeaderMap,
     /// `None` while the proxy still waits for upstream's answer.
     pub status: Option<StatusCode>,
     /// Response body bytes handed to the client so far.
@@ -159,6 +162,7 @@ struct RecordCell {
     path: String,
     query: Option<String>,
     range: Option<String>,
+    headers: HeaderMap,
     faults: Vec<Fault>,
     /// 0 until upstream answers.
     status: AtomicU16,
@@ -174,6 +178,7 @@ impl RecordCell {
             path: self.path.clone(),
             query: self.query.clone(),
             range: self.range.clone(),
+            headers: self.headers.clone(),
             status: StatusCode::from_u16(self.status.load(Ordering::Acquire)).ok(),
             body_bytes: self.body_bytes.load(Ordering::Acquire),
             complete: self.complete.load(Ordering::Acquire),
@@ -638,6 +643,7 @@ impl Shared {
                 .get(header::RANGE)
                 .and_then(|value| value.to_str().ok())
                 .map(str::to_owned),
+            headers: request.headers().clone(),
             faults,
             status: AtomicU16::new(0),
             body_bytes: AtomicU64::new(0),
