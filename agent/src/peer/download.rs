@@ -37,7 +37,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, trace, warn};
 
 use super::frames::{Expect, FrameError, FrameReader, write_msg};
-use super::net::protocol_violation;
+use super::net::{closed_as_duplicate, protocol_violation};
 use super::session::{Hub, open_session};
 use super::{PeerInner, lock};
 use crate::fetch::{FetchError, FlightTx};
@@ -60,6 +60,9 @@ const RELOCATE_AFTER_MOVE: Duration = Duration::from_secs(1);
 const DISTRUST: Duration = Duration::from_secs(600);
 /// How often a slot holder republishes every hash it knows.
 const REPUBLISH_EVERY: Duration = Duration::from_secs(10);
+/// How many times one peer's session follows its connection to the one kept after a
+/// simultaneous dial (more than once only when dials cross again in the meantime).
+const MAX_SESSION_MOVES: u32 = 3;
 /// Upper bound on one piece request, whatever the swarm's timers say.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Data progress is reported to the swarm at most this often per transfer.
@@ -642,12 +645,26 @@ impl Download<'_> {
         let (inner, hub, tx) = (self.inner.clone(), self.hub.clone(), self.tx.clone());
         tokio::spawn(
             async move {
-                match inner.connect(&node, addr).await {
-                    Ok(conn) => open_session(inner, hub, node, conn).await,
-                    Err(error) => {
-                        debug!(%error, "cannot reach peer");
-                        let _ = tx.send(Input::ConnectFailed { peer: node });
+                let mut moves = 0;
+                loop {
+                    match inner.connect(&node, addr).await {
+                        Ok(conn) => {
+                            open_session(inner.clone(), hub.clone(), node.clone(), conn.clone())
+                                .await;
+                            // The peer closed this connection as the duplicate of a
+                            // simultaneous dial: the session goes on over the one kept.
+                            if moves < MAX_SESSION_MOVES && closed_as_duplicate(&conn) {
+                                moves += 1;
+                                debug!(peer = %node, "session moves to the connection kept");
+                                continue;
+                            }
+                        }
+                        Err(error) => {
+                            debug!(%error, "cannot reach peer");
+                            let _ = tx.send(Input::ConnectFailed { peer: node });
+                        }
                     }
+                    break;
                 }
             }
             .in_current_span(),

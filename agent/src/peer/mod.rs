@@ -68,6 +68,9 @@ pub(crate) mod code {
     pub const SHUTDOWN: VarInt = VarInt::from_u32(4);
     /// The peer's certificate expired (it reconnects with its renewed one).
     pub const EXPIRED: VarInt = VarInt::from_u32(5);
+    /// Both peers dialed at once and this is the connection not kept: the one the higher
+    /// node id opened. Sessions on it move to the other.
+    pub const DUPLICATE: VarInt = VarInt::from_u32(6);
 }
 
 /// Why the peer endpoint cannot start.

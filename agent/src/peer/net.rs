@@ -1,6 +1,9 @@
 //! Connections: accepting peers (identity and refusal checks), connecting to them (one
 //! connection per peer, reused), and dispatching each incoming stream by its first frame.
 //!
+//! When two peers dial each other at once, the connection the lower node id opened is kept
+//! and the other closed with [`code::DUPLICATE`] (see [`keep_incoming`]).
+//!
 //! A connection lives no longer than the certificate the other side authenticated with: it is
 //! closed when that certificate's `not_after` passes, and as soon as the cluster refuses the
 //! certificate (its node, or its serial), whichever side opened it. A connection opened with a
@@ -90,18 +93,10 @@ pub(crate) async fn accept_loop(inner: Arc<PeerInner>) {
                     conn.close(code::EXPIRED, b"certificate expired");
                     return;
                 }
-                {
-                    // One connection per peer: the one in use stays, unless this one is
-                    // authenticated by a certificate that lasts longer (the peer renewed and
-                    // connected again), which then serves new requests.
-                    let mut conns = lock(&inner.conns);
-                    let keep = conns.get(&node).is_some_and(|c| {
-                        c.close_reason().is_none()
-                            && tls::peer_cert_info(c).is_some_and(|i| i.not_after >= cert.not_after)
-                    });
-                    if !keep {
-                        conns.insert(node.clone(), conn.clone());
-                    }
+                if !keep_incoming(&inner, &node, &cert, &conn).await {
+                    debug!(peer = %node, "both sides dialed; the peer's connection closed");
+                    conn.close(code::DUPLICATE, b"duplicate connection");
+                    return;
                 }
                 debug!(peer = %node, "peer connected");
                 serve_connection(inner, node, cert, conn).await;
@@ -111,7 +106,58 @@ pub(crate) async fn accept_loop(inner: Arc<PeerInner>) {
     }
 }
 
+/// Records `conn`, just accepted from `node`, as the connection in use with it, or says that
+/// it is a duplicate to close.
+///
+/// One connection per peer: an accepted connection becomes the one in use, unless the one in
+/// use is authenticated by a certificate that lasts at least as long. When both peers dialed
+/// each other at once, each holds its own dial and accepts the other's: the connection opened
+/// by the lower node id is kept on both sides. That side closes the other's dial here, before
+/// anything of its own used it; the other side switches to it here, and its sessions on its
+/// own dial move over when the close arrives (see `download`). A dial of ours in progress is
+/// waited for (its handshake is bounded), so that the choice sees it.
+async fn keep_incoming(
+    inner: &PeerInner,
+    node: &NodeId,
+    cert: &CertInfo,
+    conn: &quinn::Connection,
+) -> bool {
+    let gate = inner.gate(node);
+    // Past the bound, the choice is made without the dial's outcome.
+    let _one = tokio::time::timeout(
+        inner.config.connect_timeout + Duration::from_secs(1),
+        gate.lock(),
+    )
+    .await;
+    let mut conns = lock(&inner.conns);
+    let lasts = |c: &quinn::Connection| {
+        tls::peer_cert_info(c).is_some_and(|i| i.not_after >= cert.not_after)
+    };
+    match conns.get(node).filter(|c| c.close_reason().is_none()) {
+        // Our own dial is the one kept: this one is the duplicate.
+        Some(mine) if mine.side() == quinn::Side::Client && inner.node < *node && lasts(mine) => {
+            return false;
+        }
+        // The peer's dial is the one kept (or ours is about to expire): ours serves what
+        // already runs on it until the peer closes it.
+        Some(mine) if mine.side() == quinn::Side::Client => {}
+        // The peer dialed again while its earlier connection is still up here.
+        Some(current) if lasts(current) => return true,
+        _ => {}
+    }
+    conns.insert(node.clone(), conn.clone());
+    true
+}
+
 impl PeerInner {
+    /// The lock that one dial to `node` at a time holds.
+    fn gate(&self, node: &NodeId) -> Arc<tokio::sync::Mutex<()>> {
+        lock(&self.connecting)
+            .entry(node.clone())
+            .or_default()
+            .clone()
+    }
+
     /// The live connection to `node`, if any.
     pub(crate) fn connection(&self, node: &NodeId) -> Option<quinn::Connection> {
         lock(&self.conns)
@@ -133,10 +179,7 @@ impl PeerInner {
         if self.control.is_refused(node) {
             return Err(ConnectError::Refused(node.clone()));
         }
-        let gate = lock(&self.connecting)
-            .entry(node.clone())
-            .or_default()
-            .clone();
+        let gate = self.gate(node);
         let _one = gate.lock().await;
         if let Some(c) = self.connection(node) {
             return Ok(c);
@@ -256,6 +299,14 @@ async fn refusals_changed(changes: &mut Option<watch::Receiver<()>>) {
     }
     *changes = None;
     std::future::pending().await
+}
+
+/// Whether the peer closed `conn` as the duplicate of a simultaneous dial.
+pub(crate) fn closed_as_duplicate(conn: &quinn::Connection) -> bool {
+    matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(c)) if c.error_code == code::DUPLICATE
+    )
 }
 
 /// Closes `conn` for a protocol violation, with a log line naming it.

@@ -878,3 +878,95 @@ async fn the_download_limit_holds_on_the_wire() {
     );
     assert_within_cap("download by B", size as u64, size as u64, elapsed, CAP);
 }
+
+/// Waits until `node`'s endpoint has exactly one open connection.
+async fn one_connection(what: &str, node: &TestNode) {
+    let wait = Duration::from_secs(10);
+    tokio::time::timeout(wait, async {
+        while node.peer.inner.endpoint.open_connections() != 1 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        let n = node.peer.inner.endpoint.open_connections();
+        panic!("{what}: {n} connections open after {wait:?}")
+    });
+}
+
+#[tokio::test]
+async fn peers_dialing_each_other_at_once_keep_one_connection() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let a = TestNode::plain(&tracker, &ca, "node-a", 130, &origin.url()).await;
+    let b = TestNode::plain(&tracker, &ca, "node-b", 131, &origin.url()).await;
+    // Both dial before either handshake is done: two connections come up.
+    let (ab, ba) = within(
+        "dials",
+        futures::future::join(
+            a.peer.inner.connect(b.node(), b.peer.local_addr()),
+            b.peer.inner.connect(a.node(), a.peer.local_addr()),
+        ),
+    )
+    .await;
+    let (ab, ba) = (ab.unwrap(), ba.unwrap());
+    // B's dial was the duplicate: node-a is the lower id and keeps the one it opened.
+    one_connection("A's duplicate closed", &a).await;
+    one_connection("B's duplicate closed", &b).await;
+    let at_a = a
+        .peer
+        .inner
+        .connection(b.node())
+        .expect("A's connection to B");
+    let at_b = b
+        .peer
+        .inner
+        .connection(a.node())
+        .expect("B's connection to A");
+    assert_eq!(at_a.side(), quinn::Side::Client, "A keeps its own dial");
+    assert_eq!(at_b.side(), quinn::Side::Server, "B uses A's dial");
+    assert_eq!(at_a.stable_id(), ab.stable_id());
+    assert!(ba.close_reason().is_some(), "B's dial was closed");
+    // The kept connection carries transfers both ways, and no new one is opened for them.
+    let x = random_blob(4 * PL + 1, 30);
+    let y = random_blob(4 * PL + 2, 31);
+    let dx = a.seed(&x).await;
+    let dy = b.seed(&y).await;
+    origin.add(&x);
+    origin.add(&y);
+    let (gx, gy) = within("pulls", futures::future::join(b.pull(&dx), a.pull(&dy))).await;
+    assert!(gx.unwrap() == x && gy.unwrap() == y, "content differs");
+    assert_eq!(origin.served(), 0);
+    assert_eq!(a.peer.inner.endpoint.open_connections(), 1);
+    assert_eq!(b.peer.inner.endpoint.open_connections(), 1);
+}
+
+#[tokio::test]
+async fn sessions_on_a_duplicate_connection_move_to_the_kept_one() {
+    let (tracker, ca) = cluster();
+    let origin = Origin::start().await;
+    let a = TestNode::plain(&tracker, &ca, "node-a", 132, &origin.url()).await;
+    let b = TestNode::plain(&tracker, &ca, "node-b", 133, &origin.url()).await;
+    // Each holds what the other pulls, so both downloads dial at the same moment and open
+    // their sessions on whichever connection they got.
+    let x = random_blob(4 * PL, 32);
+    let y = random_blob(4 * PL, 33);
+    let dx = a.seed(&x).await;
+    let dy = b.seed(&y).await;
+    origin.add(&x);
+    origin.add(&y);
+    let t0 = std::time::Instant::now();
+    let (gx, gy) = within("pulls", futures::future::join(b.pull(&dx), a.pull(&dy))).await;
+    let elapsed = t0.elapsed();
+    assert!(gx.unwrap() == x && gy.unwrap() == y, "content differs");
+    assert_eq!(origin.served(), 0, "a pull fell back to the origin");
+    // A session that ended with its connection, instead of moving, would leave its download
+    // without the peer until the next locate, 2 s later (these pulls take a fraction of a
+    // second on loopback).
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "the pulls took {elapsed:?}: a session waited for a locate to find its peer again"
+    );
+    one_connection("A's duplicate closed", &a).await;
+    one_connection("B's duplicate closed", &b).await;
+}
