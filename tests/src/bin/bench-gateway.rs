@@ -504,7 +504,6 @@ impl Content {
     }
 }
 
-
 fn request(path: &str, addr: SocketAddr, auth: &HeaderValue) -> Result<Request<Empty<Bytes>>> {
     Ok(Request::get(path)
         .header(header::HOST, format!("localhost:{}", addr.port()))
