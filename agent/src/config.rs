@@ -130,6 +130,8 @@ struct FileMirror {
     tag_cache_ttl: Option<Duration>,
     #[serde(default, with = "humantime_serde::option")]
     offline_grace: Option<Duration>,
+    #[serde(default, with = "humantime_serde::option")]
+    drain_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -295,6 +297,8 @@ pub struct MirrorConfig {
     /// How long after the last successful check a tag may still be served from cache while
     /// the upstream is unreachable.
     pub offline_grace: Duration,
+    /// On SIGTERM, how long responses in flight may take to finish before they are aborted.
+    pub drain_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -479,6 +483,7 @@ fn build(file: FileConfig, ov: &Overrides, base: Option<&Path>) -> Result<Config
             default_upstream,
             tag_cache_ttl,
             offline_grace,
+            drain_timeout: file.mirror.drain_timeout.unwrap_or(crate::DRAIN_TIMEOUT),
         },
         metrics_listen,
         log,

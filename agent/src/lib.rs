@@ -24,7 +24,8 @@ use tracing::{info, warn};
 
 pub use config::{Config, ConfigError, Overrides};
 
-/// How long in-flight transfers may continue after shutdown is requested.
+/// Default of `[mirror] drain_timeout`: how long in-flight transfers may continue after
+/// shutdown is requested.
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why the agent could not start.
@@ -135,7 +136,13 @@ pub async fn run(
         shutdown.clone(),
     ));
 
-    server::serve_mirror(listeners.mirror, mirror, shutdown, DRAIN_TIMEOUT).await;
+    server::serve_mirror(
+        listeners.mirror,
+        mirror,
+        shutdown,
+        config.mirror.drain_timeout,
+    )
+    .await;
 
     let _ = maintenance.await;
     if let Some(p) = peer {

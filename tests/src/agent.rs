@@ -33,6 +33,8 @@ pub struct AgentOptions {
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_retries: u32,
+    /// Extra lines for the `[mirror]` section, e.g. `drain_timeout = "1s"`.
+    pub mirror_extra: String,
     /// Extra lines for the `[store]` section, e.g. `max_size = "10MiB"`.
     pub store_extra: String,
     /// Whole sections appended to the config, e.g. `[cluster]` and `[peer]` tables.
@@ -59,6 +61,7 @@ impl AgentOptions {
             connect_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(5),
             max_retries: 2,
+            mirror_extra: String::new(),
             store_extra: String::new(),
             extra_toml: String::new(),
             upstream_toml: String::new(),
@@ -71,12 +74,13 @@ impl AgentOptions {
     pub fn toml(&self, store_root: &Path, listen: SocketAddr, metrics: SocketAddr) -> String {
         let mut t = format!(
             "[mirror]\nlisten = \"{listen}\"\ndefault_upstream = \"{}\"\n\
-             tag_cache_ttl = \"{}ms\"\noffline_grace = \"{}ms\"\n\
+             tag_cache_ttl = \"{}ms\"\noffline_grace = \"{}ms\"\n{}\n\
              [metrics]\nlisten = \"{metrics}\"\n\
              [store]\nroot = \"{}\"\n{}\n",
             self.upstreams[0].0,
             self.tag_cache_ttl.as_millis(),
             self.offline_grace.as_millis(),
+            self.mirror_extra,
             store_root.display(),
             self.store_extra,
         );

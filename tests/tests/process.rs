@@ -283,3 +283,50 @@ async fn json_logs_have_one_pull_line_per_request_with_its_source() -> Result<()
     })
     .await
 }
+
+/// A transfer still stalled when `[mirror] drain_timeout` runs out is aborted (the client sees
+/// a broken transfer, never a short complete body) and the agent exits cleanly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_aborts_what_outlives_the_drain_timeout_and_exits_cleanly() -> Result<()> {
+    within(async {
+        let image = TestImage::generate(&ImageSpec::new(vec![2 * MIB], 14), "v1")?;
+        let registry = registry_with(&image).await?;
+        let proxy = Proxy::start(&registry.url()).await?;
+        let layer = image.layers[0].clone();
+        proxy.stall_blob_after(&layer.digest, MIB as u64 / 2);
+        let mut opts = AgentOptions::new(&proxy.url());
+        opts.mirror_extra = "drain_timeout = \"1s\"\n".into();
+        let mut agent = AgentProcess::start(Path::new(AGENT_BIN), &opts).await?;
+
+        let url = format!("{}/v2/shoal/app/blobs/{}", agent.url(), layer.digest);
+        let client =
+            tokio::spawn(async move { get_streamed(&url, &[], Duration::from_secs(30)).await });
+        proxy
+            .wait_for(
+                Duration::from_secs(30),
+                "half a MiB of the layer sent",
+                |reqs| {
+                    reqs.iter()
+                        .any(|r| r.path.ends_with(&layer.digest) && r.body_bytes >= MIB as u64 / 2)
+                },
+            )
+            .await?;
+        let status = agent.terminate().await?;
+        ensure!(status.success(), "exit status after SIGTERM: {status}");
+        let r = client.await??;
+        ensure!(
+            r.end == End::Aborted && (r.body.len() as u64) < layer.size,
+            "a transfer cut by the drain timeout must be aborted: {:?} after {} bytes",
+            r.end,
+            r.body.len()
+        );
+        ensure!(
+            agent.log_text().contains("drain timeout"),
+            "the log should say the drain timed out:\n{}",
+            agent.log_text()
+        );
+        proxy.release_stalls();
+        Ok(())
+    })
+    .await
+}
