@@ -87,8 +87,8 @@ fn coordinator_serve_bad_config_exits_2_with_one_clear_message() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("configuration is valid"));
 }
 
-/// The SHA-256 of the leaf certificate served on `addr`, after a `GET /_ping` answered 200.
-async fn served_fingerprint(addr: &str, ca: &Path) -> Option<String> {
+/// A TLS connection to `addr` (server name `localhost`) trusting only the CA file `ca`.
+async fn tls_connect(addr: &str, ca: &Path) -> Option<tokio_rustls::client::TlsStream<TcpStream>> {
     let mut roots = RootCertStore::empty();
     for cert in CertificateDer::pem_file_iter(ca).ok()? {
         roots.add(cert.ok()?).ok()?;
@@ -101,10 +101,15 @@ async fn served_fingerprint(addr: &str, ca: &Path) -> Option<String> {
     .with_root_certificates(roots)
     .with_no_client_auth();
     let tcp = TcpStream::connect(addr).await.ok()?;
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect(ServerName::try_from("localhost").ok()?, tcp)
         .await
-        .ok()?;
+        .ok()
+}
+
+/// The SHA-256 of the leaf certificate served on `addr`, after a `GET /_ping` answered 200.
+async fn served_fingerprint(addr: &str, ca: &Path) -> Option<String> {
+    let mut tls = tls_connect(addr, ca).await?;
     let leaf = tls.get_ref().1.peer_certificates()?[0].clone();
     tls.write_all(b"GET /_ping HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .await
@@ -235,22 +240,7 @@ async fn coordinator_serve_reloads_on_sighup_and_drains_on_sigterm() {
 /// Sends one HTTP/1.1 request over TLS to `addr` (trusting `ca`) and returns the response
 /// as text, or `None` if the exchange failed.
 async fn tls_exchange(addr: &str, ca: &Path, request: &str) -> Option<String> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).ok()? {
-        roots.add(cert.ok()?).ok()?;
-    }
-    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .ok()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let tcp = TcpStream::connect(addr).await.ok()?;
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::try_from("localhost").ok()?, tcp)
-        .await
-        .ok()?;
+    let mut tls = tls_connect(addr, ca).await?;
     tls.write_all(request.as_bytes()).await.ok()?;
     let mut resp = Vec::new();
     let _ = tokio::time::timeout(WAIT, tls.read_to_end(&mut resp)).await;

@@ -25,7 +25,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use rustls_pki_types::pem::PemObject;
 use shoal_coordinator::certs::{CertInitOptions, cert_init};
 use shoal_coordinator::{Config, Listeners, Overrides};
 use tempfile::TempDir;
@@ -502,18 +501,7 @@ impl TestCoordinator {
 
     /// The rustls client configuration trusting the test CA (ring provider, ALPN as given).
     pub fn tls_client_config(&self, alpn: &[&[u8]]) -> Result<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&self.ca_pem) {
-            roots.add(cert?)?;
-        }
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Ok(cfg)
+        crate::tls::client_config(&self.ca_pem, alpn)
     }
 
     /// An HTTPS client trusting the test CA.
