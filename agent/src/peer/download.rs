@@ -1064,7 +1064,10 @@ impl Download<'_> {
         }
         if !self.swarm.is_complete() {
             let owner = self.inner.control.owner_of(&self.digest);
-            if owner.is_some() && owner != self.owner && !self.locating {
+            if owner.is_none() || owner == self.owner {
+                // Back where it was located last (or no coordinator up): nothing moved.
+                self.relocate_at = None;
+            } else if !self.locating {
                 let read_origin = self.slot || self.ever_slot;
                 let due = *self.relocate_at.get_or_insert_with(|| {
                     info!(
